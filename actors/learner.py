@@ -18,12 +18,13 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -228,14 +229,26 @@ def train_loop_per_worker(config: dict) -> None:
     if reference is not None:
         reference.bind(setup.bundle.unet)
     engine = build_engine(cfg, setup, world_size, device)
+    online, data = None, {}
+    if cfg.online.enabled:  # target images + on-policy rejected samples (rank 0 owns the sampler pool)
+        from diffalign.actors.online import build_online
+
+        online = build_online(cfg, setup, rank, world_size)
+        data = {"train_data": online.dataset, "heldout_data": None, "batch_source": online.source}
 
     callbacks = [RayReporter(cfg, rank, world_size, attempt, config.get("fault"))]
     if config.get("callbacks_factory") is not None:
         callbacks = list(config["callbacks_factory"](cfg, rank)) + callbacks
+    if online is not None:
+        callbacks = online.callbacks + callbacks  # its online/* metrics reach every later callback
+    if rank == 0 and cfg.train.score_every:  # first, so every later callback sees its score/* metrics
+        from diffalign.train.reward_eval import RewardEvaluator
+
+        callbacks = [RewardEvaluator(cfg), *callbacks]
     local_ckpts = Path(tempfile.mkdtemp(prefix=f"diffalign-rank{rank}-"))  # guard rollback target only
     trainer = Trainer(cfg, setup=setup, engine=engine, callbacks=callbacks, rank=rank, world_size=world_size,
                       device=device, checkpoint_dir=local_ckpts,
-                      hooks=GlobalLoss(world_size) if world_size > 1 else None)
+                      hooks=GlobalLoss(world_size) if world_size > 1 else None, **data)
 
     restored = 0
     checkpoint = ray.train.get_checkpoint()
@@ -248,7 +261,11 @@ def train_loop_per_worker(config: dict) -> None:
             "event": "start", "attempt": attempt, "restored_step": restored, "world_size": world_size,
             "optimizer_steps": optimizer_step_count(engine), "time": time.time()})
 
-    summary = trainer.fit()
+    try:
+        summary = trainer.fit()
+    finally:
+        if online is not None:
+            online.close()
 
     fingerprint = state_fingerprint(trainer.trainable_weights())
     fingerprints = [fingerprint]
@@ -280,38 +297,81 @@ def run_name(cfg: RunConfig) -> str:
     return name
 
 
-def ensure_ray(cfg: RunConfig) -> None:
-    import ray
+# Fields that may name local files; a value that is not an existing path (a hub id) is left alone.
+LOCAL_PATH_FIELDS = (("data", "path"), ("data", "mismatch_probe"), ("model", "pretrained"), ("model", "vae"),
+                     ("tracking", "score_prompts"), ("ray", "storage_path"))
 
-    if ray.is_initialized():
-        return
-    env = {"TOKENIZERS_PARALLELISM": "false"}
-    if not cfg.ray.use_gpu:
-        env["DS_ACCELERATOR"] = "cpu"
-    store = None if cfg.ray.address else cfg.ray.object_store_mb << 20
-    ray.init(address=cfg.ray.address, object_store_memory=store, runtime_env={"env_vars": env})
+
+def absolute_local_paths(cfg: RunConfig) -> None:
+    """Ray workers run in their own working directory: relative local paths become absolute here."""
+    for section, name in LOCAL_PATH_FIELDS:
+        part = getattr(cfg, section)
+        value = getattr(part, name, None)
+        if isinstance(value, str) and value and not os.path.isabs(value) and os.path.exists(value):
+            setattr(part, name, os.path.abspath(value))
+    scorers = getattr(cfg.tracking, "scorers", None)
+    if scorers:  # "name:path,...": only the path part
+        specs = []
+        for spec in scorers.split(","):
+            name, sep, path = spec.partition(":")
+            if sep and path and not os.path.isabs(path) and os.path.exists(path):
+                path = os.path.abspath(path)
+            specs.append(f"{name}{sep}{path}")
+        cfg.tracking.scorers = ",".join(specs)
+
+
+def ensure_ray(cfg: RunConfig) -> None:
+    """Starts or joins Ray, then checks that the run's actors fit the cluster (a run that does not
+    fit would otherwise wait forever for its sampler or reference actor)."""
+    import ray
+    from diffalign.actors.resources import check_fits, total_resources
+
+    if not ray.is_initialized():
+        env = {"TOKENIZERS_PARALLELISM": "false"}
+        if not cfg.ray.use_gpu:
+            env["DS_ACCELERATOR"] = "cpu"
+        # ray.address, else RAY_ADDRESS (set under `ray job submit`): join that cluster, whose object
+        # store is sized already. Neither: a new local cluster, even if `ray start` left one running.
+        address = cfg.ray.address or os.environ.get("RAY_ADDRESS") or "local"
+        local = {}
+        if address == "local":
+            # CPUs are scheduling slots here: a laptop with fewer cores still runs the tiny configs.
+            need = math.ceil(total_resources(cfg).get("CPU", 0.0))
+            local = {"object_store_memory": cfg.ray.object_store_mb << 20,
+                     "num_cpus": max(os.cpu_count() or 1, need)}
+        ray.init(address=address, runtime_env={"env_vars": env}, **local)
+    check_fits(cfg, ray.cluster_resources())
 
 
 def train_with_ray(cfg: RunConfig, callbacks_factory: Callable[[RunConfig, int], list] | None = None,
-                   fault: FaultInjection | None = None) -> dict:
+                   fault: FaultInjection | None = None, run_callbacks: Sequence = ()) -> dict:
     """Fits a Ray Train `TorchTrainer` with `cfg.ray.num_learners` workers; returns
-    {"metrics", "step", "checkpoint", "path", "rank_fingerprints", "ranks_in_sync", ...}.
+    {"metrics", "step", "checkpoint", "path", "rank_fingerprints", "ranks_in_sync", "mlflow_run_id",
+    "weights", ...}.
 
     `callbacks_factory(cfg, rank)` builds extra Trainer callbacks on each worker (it is pickled).
+    `run_callbacks` go to `ray.train.RunConfig(callbacks=...)` (e.g. Tune's `TuneReportCallback`).
+    With `tracking.mlflow`, rank 0 logs one MLflow run and saves the final weights ("weights").
     """
     import ray.train
+    from diffalign.actors import tracking
     from ray.train.torch import TorchConfig, TorchTrainer
 
     ensure_ray(cfg)
     out_dir = Path(cfg.train.output_dir).resolve()
     cfg = copy.deepcopy(cfg)
     cfg.train.output_dir = str(out_dir)  # workers may run in another working directory
+    absolute_local_paths(cfg)
     actor = None
     if cfg.reference.placement == "actor" and cfg.reference.strategy != "none":
         from diffalign.actors.reference_actor import spawn_reference_actor
 
         actor = spawn_reference_actor(cfg, fresh=True)
     (out_dir / FINAL_JSON).unlink(missing_ok=True)  # never report an earlier run's summary
+    name = run_name(cfg)
+    if cfg.tracking.mlflow:  # rank 0 logs one MLflow run (diffalign.actors.tracking)
+        tracking.prepare_record(cfg, resuming=(storage_path(cfg) / name).exists())
+        callbacks_factory = tracking.WithMlflow(callbacks_factory)
     r = cfg.ray
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -321,18 +381,24 @@ def train_with_ray(cfg: RunConfig, callbacks_factory: Callable[[RunConfig, int],
         scaling_config=ray.train.ScalingConfig(num_workers=r.num_learners, use_gpu=r.use_gpu,
                                                resources_per_worker={"CPU": r.cpus_per_learner}),
         run_config=ray.train.RunConfig(
-            name=run_name(cfg), storage_path=str(storage_path(cfg)),
+            name=name, storage_path=str(storage_path(cfg)),
             failure_config=ray.train.FailureConfig(max_failures=r.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=max(1, cfg.train.keep_checkpoints)),
+            callbacks=list(run_callbacks),
         ),
     )
     try:
         result = trainer.fit()
+    except BaseException:
+        if cfg.tracking.mlflow:
+            tracking.mark_failed(cfg)
+        raise
     finally:
         if actor is not None:
             ray.kill(actor)
     final_path = out_dir / FINAL_JSON
     final = json.loads(final_path.read_text()) if final_path.exists() else {}
+    mlflow_run = tracking.read_record(cfg) if cfg.tracking.mlflow else {}
     return {
         "metrics": final.get("metrics", dict(result.metrics or {})),
         "step": final.get("step"),
@@ -342,6 +408,8 @@ def train_with_ray(cfg: RunConfig, callbacks_factory: Callable[[RunConfig, int],
         "ranks_in_sync": final.get("ranks_in_sync"),
         "optimizer_steps": final.get("optimizer_steps"),
         "step_log": str(out_dir / STEP_LOG),
+        "mlflow_run_id": mlflow_run.get("run_id"),
+        "weights": mlflow_run.get("weights"),
     }
 
 

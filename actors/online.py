@@ -1,5 +1,13 @@
-"""Online MaPO for personalization: chosen = the user's target images, rejected = what the current
-policy generates for the identifier prompt, sampled on Ray `SamplerActor`s while the learner trains.
+"""Online preference training for personalization: chosen = the user's target images, rejected = what
+the current policy generates for the identifier prompt, sampled on Ray `SamplerActor`s while the
+learner trains. MaPO is the method (reference-free); DPO / xDPO take the same on-policy pairs with
+a reference (colocated or on a `ReferenceActor`).
+
+Two runtimes share these parts (`build_online`):
+- `run_online_mapo`: one learner process (this one) + the sampler pool;
+- the Ray Train learner (`diffalign.actors.learner`, ray.enabled=true): N workers; rank 0 owns the
+  pool and syncs it, draws the rejected samples of every rank in one request and scatters them
+  (so all ranks train on fresh samples of the same policy version).
 
 Versions are learner steps: the weights after optimizer step k are policy version k, synced to the
 samplers every ray.sampler.sync_every steps. A rejected sample made by version v and used at step s
@@ -103,7 +111,7 @@ def _samples(result: dict) -> list[Sample]:
             zip(result["prompts"], result["seeds"], result["latents"], result["versions"])]
 
 
-class OnlineMaPOSource:
+class OnPolicyPairs:
     """The Trainer's `batch_source`: target images as chosen, on-policy samples as rejected.
 
     Returns {"prompts", "chosen_latents", "rejected_latents", "original_sizes", "crop_top_lefts"};
@@ -111,9 +119,12 @@ class OnlineMaPOSource:
     (the pipeline's latent output is in the same scaled space).
     """
 
-    def __init__(self, pool: SamplerPool, latent_encoder, prompt: str, batch_size: int, mode: str = "async",
-                 max_staleness: int = 2, sync_every: int = 1, grad_accum: int = 1, buffer_size: int = 64,
-                 samples_per_request: int = 4, seed: int = 0) -> None:
+    def __init__(self, pool: SamplerPool | None, latent_encoder, prompt: str, batch_size: int,
+                 mode: str = "async", max_staleness: int = 2, sync_every: int = 1, grad_accum: int = 1,
+                 buffer_size: int = 64, samples_per_request: int = 4, seed: int = 0, rank: int = 0,
+                 world_size: int = 1) -> None:
+        if (pool is None) != (rank != 0):
+            raise ValueError("the sampler pool belongs to rank 0 (and only to rank 0)")
         if mode not in MODES:
             raise ValueError(f"online.mode must be one of {MODES}, got {mode!r}")
         if max_staleness < sync_every - 1:
@@ -122,13 +133,15 @@ class OnlineMaPOSource:
                              f"= {sync_every - 1}")
         self.pool, self.encode, self.prompt = pool, latent_encoder, prompt
         self.batch_size, self.mode, self.grad_accum = batch_size, mode, grad_accum
+        self.rank, self.world_size = rank, world_size
         self.samples_per_request = max(1, samples_per_request)
-        self.buffer = ReplayBuffer(max(buffer_size, batch_size), max_staleness)
+        self.buffer = ReplayBuffer(max(buffer_size, batch_size * world_size), max_staleness)
         # Samples kept ready or in flight in async mode. Requests run in submission order behind the
         # syncs, so a batch requested at step s (policy version >= s - sync_every + 1) and used j steps
         # later is at most j + sync_every - 1 versions old: j <= max_staleness - sync_every + 1.
         ahead_steps = max(0, max_staleness - sync_every + 1)
-        self.lookahead = min(self.buffer.capacity, batch_size * grad_accum * ahead_steps)
+        per_step = batch_size * grad_accum * world_size
+        self.lookahead = min(self.buffer.capacity, per_step * ahead_steps)
         self.in_flight: list[SampleRequest] = []
         self._next_seed = seed * 1_000_000
         self._window: dict[str, list[float]] = {"ages": [], "wait": []}
@@ -177,11 +190,26 @@ class OnlineMaPOSource:
         self._window["ages"] += [version - s.version for s in got]
         return got
 
+    def rejected_for_rank(self, n: int, version: int) -> list[Sample]:
+        """This rank's `n` samples: rank 0 requests n * world_size and scatters them (a collective:
+        every rank calls it at the same micro-step, as the training loop does)."""
+        if self.world_size == 1:
+            return self.rejected(n, version)
+        import torch.distributed as dist
+
+        chunks = None
+        if self.rank == 0:
+            got = self.rejected(n * self.world_size, version)
+            chunks = [got[r * n:(r + 1) * n] for r in range(self.world_size)]
+        mine: list = [None]
+        dist.scatter_object_list(mine, chunks, src=0)
+        return mine[0]
+
     def __call__(self, items: Sequence[dict], micro_step: int) -> dict:
         version = micro_step // self.grad_accum
         batch = collate_pairs(items)
         images = batch.pop("images")
-        rejected = self.rejected(len(items), version)
+        rejected = self.rejected_for_rank(len(items), version)
         batch["chosen_latents"] = self.encode(images)
         batch["rejected_latents"] = torch.stack([s.latents for s in rejected]).to(batch["chosen_latents"])
         batch["rejected_seeds"] = [s.seed for s in rejected]
@@ -207,7 +235,7 @@ class OnlineSyncCallback:
     """Trainer callback: syncs the learner's policy to the pool every `sync_every` steps (version =
     trainer.step; the first sync, in on_start, before any step) and adds the online/* metrics."""
 
-    def __init__(self, pool: SamplerPool, source: OnlineMaPOSource | None = None,
+    def __init__(self, pool: SamplerPool, source: OnPolicyPairs | None = None,
                  sync_every: int = 1) -> None:
         if sync_every < 1:
             raise ValueError(f"sync_every must be >= 1, got {sync_every}")
@@ -254,37 +282,66 @@ def folder_dataset(cfg: RunConfig) -> ImageFolderDataset:
                               on_error=d.on_error)
 
 
-def run_online_mapo(cfg: RunConfig, callbacks: Sequence = (), num_samplers: int | None = None) -> dict:
-    """Trains online MaPO with a single-process learner here and a Ray sampler pool.
+@dataclass
+class OnlineParts:
+    """What a learner process needs for online training (rank 0 also owns the pool)."""
 
-    Starts (or joins, per ray.address) Ray if needed. Returns the final metrics plus "steps" and
-    "policy_dir" (where the LoRA / UNet was saved).
-    """
-    import ray
+    dataset: ImageFolderDataset
+    source: OnPolicyPairs
+    callbacks: list
+    pool: SamplerPool | None
 
-    if not ray.is_initialized():
-        local = {} if cfg.ray.address else {"object_store_memory": cfg.ray.object_store_mb * 2**20}
-        ray.init(address=cfg.ray.address, **local)
+    def close(self) -> None:
+        self.source.close()
+        if self.pool is not None:
+            self.pool.shutdown()
+
+
+def build_online(cfg: RunConfig, setup, rank: int = 0, world_size: int = 1,
+                 num_samplers: int | None = None) -> OnlineParts:
+    """Target-image dataset, on-policy batch source and (rank 0) the sampler pool + sync callback."""
     on, s = cfg.online, cfg.ray.sampler
     dataset = folder_dataset(cfg)
+    pool = SamplerPool(cfg, num_samplers) if rank == 0 else None
+    try:
+        source = OnPolicyPairs(pool, setup.latent_encoder, dataset.prompt, cfg.optim.batch_size, on.mode,
+                               on.max_staleness, s.sync_every, cfg.optim.grad_accum, on.buffer_size,
+                               on.samples_per_request, cfg.train.seed, rank=rank, world_size=world_size)
+    except Exception:
+        if pool is not None:
+            pool.shutdown()
+        raise
+    callbacks = [OnlineSyncCallback(pool, source, s.sync_every)] if pool is not None else []
+    return OnlineParts(dataset, source, callbacks, pool)
+
+
+def run_online_mapo(cfg: RunConfig, callbacks: Sequence = (), num_samplers: int | None = None) -> dict:
+    """Trains online with a single-process learner here and a Ray sampler pool.
+
+    Starts (or joins, per ray.address / RAY_ADDRESS) Ray if needed. Returns the final metrics plus
+    "steps" and "policy_dir" (where the LoRA / UNet was saved).
+    """
+    from diffalign.actors.learner import ensure_ray
+
+    ensure_ray(cfg)
     device = "cuda" if cfg.ray.use_gpu and torch.cuda.is_available() else "cpu"
     setup = build_setup(cfg, device)
-    pool = SamplerPool(cfg, num_samplers)
-    source = None
+    parts = build_online(cfg, setup, num_samplers=num_samplers)
+    scoring = []
+    if cfg.train.score_every:  # before the caller's callbacks (MLflow) so they see score/* metrics
+        from diffalign.train.reward_eval import RewardEvaluator
+
+        scoring = [RewardEvaluator(cfg)]
     try:
-        source = OnlineMaPOSource(pool, setup.latent_encoder, dataset.prompt, cfg.optim.batch_size, on.mode,
-                                  on.max_staleness, s.sync_every, cfg.optim.grad_accum, on.buffer_size,
-                                  on.samples_per_request, cfg.train.seed)
-        sync_cb = OnlineSyncCallback(pool, source, s.sync_every)
-        trainer = Trainer(cfg, setup=setup, train_data=dataset, heldout_data=None,
-                          callbacks=[sync_cb, *callbacks], device=device, batch_source=source)
+        trainer = Trainer(cfg, setup=setup, train_data=parts.dataset, heldout_data=None,
+                          callbacks=[*parts.callbacks, *scoring, *callbacks], device=device,
+                          batch_source=parts.source)
         summary = trainer.fit()
         policy_dir = save_final_weights(trainer, Path(cfg.train.output_dir))
-        log.info("online MaPO: %d steps, %d samples trained on, %d stale dropped, %d sampler restarts; "
-                 "policy saved to %s", trainer.step, source.buffer.taken, source.buffer.stale_dropped,
-                 pool.restarts, policy_dir)
+        buf = parts.source.buffer
+        log.info("online %s: %d steps, %d samples trained on, %d stale dropped, %d sampler restarts; "
+                 "policy saved to %s", cfg.objective.name, trainer.step, buf.taken, buf.stale_dropped,
+                 parts.pool.restarts, policy_dir)
         return {**summary, "steps": trainer.step, "policy_dir": str(policy_dir)}
     finally:
-        if source is not None:
-            source.close()
-        pool.shutdown()
+        parts.close()

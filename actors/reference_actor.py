@@ -3,6 +3,8 @@
 `ReferenceActor` holds its own copy of the model and one of the reference strategies of
 `diffalign.reference`; `RemoteReference` is the learner-side client with the `ReferencePolicy`
 interface that `PreferenceStep` and the loop use, so the two placements give the same losses.
+`RemoteReference.request_errors` sends the actor call at once and waits for its reply only when the
+step reads the result, after the policy forward: the two forwards overlap.
 
 Consistency with several learner ranks: rank 0 (the "driver") alone tells the actor that a step
 happened (sending the policy's trainable weights only on steps where the strategy looks at them);
@@ -30,7 +32,7 @@ from diffalign.config import RunConfig
 from diffalign.models.conditioning import Conditioning
 from diffalign.models.denoiser import Denoiser
 from diffalign.models.weights import load_trainable_state_dict, state_fingerprint, trainable_state_dict
-from diffalign.reference import build_reference
+from diffalign.reference import PendingErrors, build_reference, resolve_reference_dtype
 
 MAX_RESTARTS = 3
 MAX_TASK_RETRIES = 3
@@ -74,8 +76,9 @@ class ReferenceServer:
         self.policy.requires_grad_(False)
         self._init_fingerprint = state_fingerprint(trainable_state_dict(self.policy))
         r = cfg.reference
+        dtype = resolve_reference_dtype(r.dtype, cfg.model.mixed_precision, self.device)
         self.ref = build_reference(r.strategy, self.policy, Denoiser(bundle.noise_scheduler), tau=r.tau,
-                                   delta=r.delta, on_exceed=r.on_exceed)
+                                   delta=r.delta, on_exceed=r.on_exceed, dtype=dtype)
         self.autocast_dtype = DTYPES[cfg.model.mixed_precision]
         self.step = 0
         self.state_dir = Path(state_dir) if state_dir else None
@@ -276,14 +279,20 @@ class RemoteReference:
     def needs_policy_at(self, step: int) -> bool:
         return self.strategy in UPDATING and not self.frozen and step % self.tau == 0
 
+    def request_errors(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning,
+                       target: torch.Tensor) -> PendingErrors:
+        """Sends the actor call now; `result()` waits for the reply (as of the last completed step)."""
+        if not self.active:
+            return PendingErrors(lambda: None)
+        tensors = {k: v.detach().cpu() for k, v in cond.tensors().items()}
+        reply = self.actor.errors.remote(noisy.detach().cpu(), timesteps.cpu(), tensors,
+                                         target.detach().cpu(), self._step)
+        device = noisy.device
+        return PendingErrors(lambda: ray.get(reply).to(device))
+
     def errors(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning,
                target: torch.Tensor) -> torch.Tensor | None:
-        if not self.active:
-            return None
-        tensors = {k: v.detach().cpu() for k, v in cond.tensors().items()}
-        ref = ray.get(self.actor.errors.remote(noisy.detach().cpu(), timesteps.cpu(), tensors,
-                                               target.detach().cpu(), self._step))
-        return ref.to(noisy.device)
+        return self.request_errors(noisy, timesteps, cond, target).result()
 
     def on_step(self, step: int, probe: dict | None = None) -> dict[str, float]:
         self._step = step

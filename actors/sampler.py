@@ -66,6 +66,7 @@ class SamplerWorker:
         self.bundle = bundle
         self.pipe = bundle.pipeline()
         self._version = -1
+        self._holds_base = True  # still the weights it was built with (no packet loaded yet)
         self._probes: dict[int, ProbeBatch] = {}
         self.images_generated = 0
         self.generate_s = 0.0
@@ -79,7 +80,21 @@ class SamplerWorker:
     def sync(self, packet: WeightPacket, expected_version: int | None = None) -> int:
         """Strict load of the packet (see `apply_packet`); returns the version now held."""
         self._version = -1  # a failed load leaves no half-valid version behind
+        self._holds_base = False
         self._version = apply_packet(self.modules, packet, expected_version)
+        return self._version
+
+    def use_base_weights(self, version: int = 0) -> int:
+        """Declares the weights it was built with (cfg.model as loaded) to be policy `version`, so the
+        base model is sampled without a learner. Freshly added LoRA adapters are a no-op (lora_B starts
+        at zero, checked here); a worker that has loaded a packet no longer holds the base model."""
+        if not self._holds_base:
+            raise StaleSamplerError(f"sampler {self.index} has loaded trained weights, not the base model")
+        active = [n for m in self.modules for n, p in m.named_parameters()
+                  if "lora_B" in n and bool(p.any())]
+        if active:
+            raise RuntimeError(f"sampler {self.index}: LoRA adapters are not a no-op ({active[0]} != 0)")
+        self._version = int(version)
         return self._version
 
     def version(self) -> int:
@@ -261,7 +276,10 @@ class SamplerPool:
         return {"images": 0, "generate_s": 0.0, "roundtrips": [], "sync_s": 0.0, "probe_err": None}
 
     def _send_sync(self, i: int) -> None:
-        ref = self.actors[i].sync.remote(self._packet_ref, self.version)
+        if self._packet_ref is None:  # use_base_weights: nothing to load
+            ref = self.actors[i].use_base_weights.remote(self.version)
+        else:
+            ref = self.actors[i].sync.remote(self._packet_ref, self.version)
         self._pending_syncs.append((i, ref, self.version, self.epoch[i]))
         self.sent_version[i] = self.version
 
@@ -335,6 +353,17 @@ class SamplerPool:
         self._window["probe_err"] = err
         return err
 
+    def use_base_weights(self, version: int = 0) -> None:
+        """Samples the model the actors were built with (cfg.model) as policy `version`: no learner and
+        no weight packet (dataset building, baselines). Restarted actors are rebuilt from the same config
+        and declared base again before they sample. A later `sync_all` replaces it as usual."""
+        self.collect_syncs(block=False)
+        self._packet_ref = None
+        self.version = int(version)
+        for i in self._ready_indices():
+            self._send_sync(i)
+        self.collect_syncs(block=True)
+
     def versions(self) -> list[int]:
         """Each live actor's version as it reports it now (waits behind queued calls)."""
         return ray.get([self.actors[i].version.remote() for i in self._ready_indices()])
@@ -353,7 +382,7 @@ class SamplerPool:
 
     def _dispatch(self, i: int, prompts: list[str], seeds: list[int]) -> ray.ObjectRef:
         if self.version < 0:
-            raise RuntimeError("SamplerPool.sync_all must run before the first request")
+            raise RuntimeError("SamplerPool.sync_all (or use_base_weights) must run before the first request")
         if self.sent_version[i] != self.version:
             self.resyncs += 1
             self._send_sync(i)
@@ -420,11 +449,14 @@ class SamplerPool:
                     done.append((req, result))
         return done
 
-    def request(self, prompts: list[str], seeds: list[int]) -> dict:
-        """Generates (prompt, seed) samples split across the usable actors; blocks; merged in order."""
+    def request(self, prompts: list[str], seeds: list[int], max_per_request: int | None = None) -> dict:
+        """Generates (prompt, seed) samples split across the usable actors, in requests of at most
+        `max_per_request` prompts when given; blocks; merged in order."""
         if not prompts:
             raise ValueError("no prompts to sample")
         n = min(len(self._ready_indices()) or 1, len(prompts))
+        if max_per_request:
+            n = max(n, -(-len(prompts) // max_per_request))
         bounds = [round(k * len(prompts) / n) for k in range(n + 1)]
         reqs = [self.submit(prompts[a:b], seeds[a:b]) for a, b in zip(bounds, bounds[1:])]
         results: dict[int, dict] = {}

@@ -175,6 +175,7 @@ class Spec:
     channels_last: bool = False
     fused_adam: str = "auto"       # auto (each as its source does) | on | off
     finetune: str = "full"         # full | lora
+    reference_dtype: str = "auto"  # reference.dtype of the reference rows: auto | fp32 | bf16 | fp16
     seed: int = 0
 
     def fused(self) -> bool | None:
@@ -190,7 +191,7 @@ class TrainerVariant:
         from diffalign.models.bundle import ModelBundle
         from diffalign.models.denoiser import Denoiser
         from diffalign.objectives import build_objective, objective_needs_reference
-        from diffalign.reference import build_reference
+        from diffalign.reference import build_reference, resolve_reference_dtype
         from diffalign.timesteps import build_timestep_sampler, reward_scale
         from diffalign.train.engine import TorchEngine, build_optimizer
         from diffalign.train.loop import Trainer
@@ -208,6 +209,7 @@ class TrainerVariant:
         cfg.model.mixed_precision = "bf16" if spec.dtype == "bf16" else "no"
         cfg.objective.name = objective
         cfg.reference.strategy = "frozen" if self.needs_reference else "none"
+        cfg.reference.dtype = "bf16" if reference == "colocated_bf16" else spec.reference_dtype
         cfg.optim.batch_size = spec.batch
         cfg.optim.lr = 1e-6
         cfg.train.max_steps = 10**6
@@ -237,9 +239,8 @@ class TrainerVariant:
             self.ray_reference = ref
         else:
             r = cfg.reference
-            ref = build_reference(r.strategy, unet, denoiser, tau=r.tau, delta=r.delta, on_exceed=r.on_exceed)
-            if reference == "colocated_bf16" and getattr(ref, "ref_unet", None) is not None:
-                ref.ref_unet.to(torch.bfloat16)
+            ref = build_reference(r.strategy, unet, denoiser, tau=r.tau, delta=r.delta, on_exceed=r.on_exceed,
+                                  dtype=resolve_reference_dtype(r.dtype, cfg.model.mixed_precision, device))
         t = cfg.timesteps
         step = PreferenceStep(
             denoiser, build_objective(objective, **cfg.objective.params()), ref,
@@ -438,6 +439,15 @@ def build_variant(name: str, spec: Spec):
         return TrainerVariant(spec, "dpo", reference="colocated_bf16", label="dpo (bf16 reference copy)")
     labels = {"dpo": "dpo (reference colocated)", "xdpo": "xdpo (reference colocated)"}
     return TrainerVariant(spec, name, label=labels.get(name, name))
+
+
+def reference_dtype_note(spec: Spec) -> str:
+    """What `spec.reference_dtype` resolves to for the colocated / actor reference rows."""
+    from diffalign.reference import resolve_reference_dtype
+
+    mp = "bf16" if spec.dtype == "bf16" else "no"
+    dtype = str(resolve_reference_dtype(spec.reference_dtype, mp, spec.device)).removeprefix("torch.")
+    return f"reference.dtype {spec.reference_dtype} ({dtype} reference copy)"
 
 
 # ----------------------------------------------------------------------------- timing and memory

@@ -30,6 +30,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="bf16")
     p.add_argument("--no-grad-checkpointing", action="store_true")
     p.add_argument("--fused-adam", choices=["auto", "on", "off"], default="auto")
+    p.add_argument("--reference-dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                   help="reference.dtype of DPO's reference copy (auto: bf16 under --dtype bf16 on CUDA)")
     p.add_argument("--start", default="sd15=32,sdxl=8,tiny=8", help="first batch tried after 1, per model")
     p.add_argument("--max-batch", type=int, default=512)
     p.add_argument("--precision", type=float, default=0.0,
@@ -126,7 +128,8 @@ def main(argv=None) -> None:
                 errors[key] = "not run: time budget spent"
                 continue
         spec = common.Spec(model=model, device=args.device, dtype=args.dtype, batch=1,
-                           grad_checkpointing=not args.no_grad_checkpointing, fused_adam=args.fused_adam)
+                           grad_checkpointing=not args.no_grad_checkpointing, fused_adam=args.fused_adam,
+                           reference_dtype=args.reference_dtype)
         v = None
         log: list = []
         try:
@@ -165,9 +168,12 @@ def save(args, rows, logs, errors, final: bool) -> None:
             ("pairs_per_s_at_max", "pairs/s at max"), ("peak_gib", "peak GiB"),
             ("complete", "search complete")]
     precision = "bf16 (fp32 weights + bf16 autocast)" if args.dtype == "bf16" else "fp32"
+    ref_note = common.reference_dtype_note(common.Spec(device=args.device, dtype=args.dtype,
+                                                       reference_dtype=args.reference_dtype))
     md = [f"Full fine-tune, {precision}, gradient checkpointing "
-          f"{not args.no_grad_checkpointing}, AdamW ({args.fused_adam}); DPO keeps a frozen fp32 reference "
-          "copy on the same GPU; one Trainer.train_step per try.", "", common.markdown_table(rows, cols), ""]
+          f"{not args.no_grad_checkpointing}, AdamW ({args.fused_adam}); DPO keeps a frozen reference copy "
+          f"on the same GPU ({ref_note}); one Trainer.train_step per try.", "",
+          common.markdown_table(rows, cols), ""]
     for model, r in ratios.items():
         md.append(f"- {model}: MaPO fits {r:.2f}x the pairs of DPO per GPU.")
     for key, why in errors.items():

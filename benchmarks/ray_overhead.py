@@ -5,6 +5,9 @@ Measured in one process, round-robin (each round runs every item once, the order
   on a `ReferenceActor` (through `RemoteReference`, the client `PreferenceStep` calls);
 - reference errors for one batch ([chosen; rejected], 2B images): colocated `FrozenReference.errors`
   vs `RemoteReference.errors` (serialise, actor call, the same forward there, reply);
+- the policy forward (with autograd, as in the step) followed by the Ray-actor reference errors, vs
+  the two overlapped the way `PreferenceStep` issues them (`request_errors`, policy forward,
+  `result()`), and the policy forward alone;
 - the per-step `on_step` notification the driver sends the reference actor (frozen: no weights);
 - on-policy samples for B prompts: an in-process `SamplerWorker.generate` vs `SamplerPool.request`
   (one `SamplerActor`, same config, latents out); and one `SamplerPool.sync_all` (weight packet).
@@ -128,11 +131,29 @@ def main(argv=None) -> None:
         version["v"] += 1
         pool.sync_all(unet, version=version["v"], wait=True)
 
+    denoiser = learner_actor.trainer.setup.denoiser
+    policy = learner_actor.unet
+
+    def policy_forward():
+        return denoiser.errors(policy, noisy, timesteps, cond, target)
+
+    def sequential():
+        policy_forward()
+        remote.errors(noisy, timesteps, cond, target)
+
+    def overlapped():
+        pending = remote.request_errors(noisy, timesteps, cond, target)
+        policy_forward()
+        pending.result()
+
     items = {
         "learner step, dpo, reference colocated": learner.step,
         "learner step, dpo, reference on a Ray actor": learner_actor.step,
         "reference errors, colocated": lambda: colocated.errors(noisy, timesteps, cond, target),
         "reference errors, Ray actor round trip": lambda: remote.errors(noisy, timesteps, cond, target),
+        "policy forward alone": policy_forward,
+        "policy forward, then Ray-actor reference errors": sequential,
+        "policy forward overlapped with the Ray-actor reference": overlapped,
         "reference on_step notification (frozen)": actor_on_step,
         "samples for B prompts, in-process SamplerWorker": lambda: local_sampler.generate(prompts, seeds),
         "samples for B prompts, SamplerPool.request (1 actor)": lambda: pool.request(prompts, seeds),
@@ -162,6 +183,8 @@ def main(argv=None) -> None:
         "learner_step_actor_over_colocated": med["learner step, dpo, reference on a Ray actor"] / step_ms,
         "sampler_pool_overhead_ms": med["samples for B prompts, SamplerPool.request (1 actor)"]
         - med["samples for B prompts, in-process SamplerWorker"],
+        "overlap_saved_ms": med["policy forward, then Ray-actor reference errors"]
+        - med["policy forward overlapped with the Ray-actor reference"],
     }
     sample = pool.request(prompts, seeds)
     mb = measured_bytes = {
@@ -189,6 +212,12 @@ def main(argv=None) -> None:
           f"- Reference actor overhead per step: {derived['reference_actor_overhead_ms']:.1f} ms "
           "(round trip minus the same forward colocated); learner step with the actor reference / "
           f"colocated: {derived['learner_step_actor_over_colocated']:.2f}x.",
+          "- Policy forward + Ray-actor reference errors: "
+          f"{med['policy forward, then Ray-actor reference errors']:.1f} ms one after the other, "
+          f"{med['policy forward overlapped with the Ray-actor reference']:.1f} ms with the actor call "
+          f"issued first, as the step does ({derived['overlap_saved_ms']:+.1f} ms saved). The actor can "
+          "only compute alongside the learner on a free core; on this shared 2-core machine that is "
+          "not guaranteed.",
           "- SamplerPool.request overhead over an in-process generate: "
           f"{derived['sampler_pool_overhead_ms']:.1f} ms.",
           f"- Measured (tiny): reference request {mb['reference_request_tensor_bytes'] / 1024:.1f} KiB "

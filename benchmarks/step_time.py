@@ -4,6 +4,9 @@ Rows (all at --batch pairs, full fine-tune unless --finetune lora):
   sft, mapo, dpo (reference colocated), [dpo with a bf16 reference copy, under --dtype bf16],
   dpo (reference on a Ray actor, when diffalign.actors.reference_actor exists), xdpo,
   and a plain PyTorch Diffusion-DPO step written the way diffusers' research example does it.
+The reference rows hold their copy in --reference-dtype (`reference.dtype`; auto = bf16 under
+--dtype bf16 on CUDA, else fp32); the bf16-copy row always uses bf16, so
+`--dtype bf16 --reference-dtype fp32` measures what the bf16 copy saves.
 
 Every diffalign row is one `Trainer.train_step` (the code a real run executes per optimizer step):
 batch from cached latents -> PreferenceStep -> backward -> grad norm + clip -> guard -> AdamW.
@@ -54,6 +57,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="auto: diffalign as the Trainer does (fused on CUDA), baseline as diffusers does "
                         "(torch default); on/off: both the same")
     p.add_argument("--finetune", choices=["full", "lora"], default="full")
+    p.add_argument("--reference-dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                   help="reference.dtype of the dpo / xdpo / Ray-actor rows (default %(default)s)")
     p.add_argument("--variants", default=None,
                    help=f"comma list from {','.join(ALL)} (default: all that apply)")
     p.add_argument("--schedule", choices=["interleave", "sequential"], default=None,
@@ -76,7 +81,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def make_spec(args) -> common.Spec:
     return common.Spec(model=args.model, device=args.device, dtype=args.dtype, batch=args.batch,
                        grad_checkpointing=args.grad_checkpointing, compile=args.compile,
-                       channels_last=args.channels_last, fused_adam=args.fused_adam, finetune=args.finetune)
+                       channels_last=args.channels_last, fused_adam=args.fused_adam, finetune=args.finetune,
+                       reference_dtype=args.reference_dtype)
 
 
 def choose_variants(args) -> tuple[list[str], dict[str, str]]:
@@ -264,8 +270,8 @@ RATIO_TEXT = {
     "ours_dpo_over_baseline_fused_time": "our DPO / baseline with fused AdamW step time (same optimizer)",
     "actor_over_colocated_time": "DPO with Ray-actor reference / colocated reference step time",
     "actor_over_colocated_learner_memory": "Ray-actor / colocated learner-process memory",
-    "bf16ref_over_dpo_time": "DPO with bf16 reference copy / fp32 reference copy step time",
-    "bf16ref_over_dpo_memory": "DPO with bf16 reference copy / fp32 reference copy peak memory",
+    "bf16ref_over_dpo_time": "DPO with bf16 reference copy / the dpo row's step time",
+    "bf16ref_over_dpo_memory": "DPO with bf16 reference copy / the dpo row's peak memory",
     "sft_over_mapo_time": "SFT / MaPO step time",
     "xdpo_over_dpo_time": "xDPO / DPO step time",
 }
@@ -284,7 +290,8 @@ def render(rows, rat, skipped, errors, extra, spec, args) -> str:
     out = [f"Model **{spec.model}**, device {spec.device}, dtype {spec.dtype}, batch {spec.batch} pairs "
            f"({2 * spec.batch} images per forward), finetune {spec.finetune}, grad checkpointing "
            f"{spec.grad_checkpointing}, compile {spec.compile}, channels_last {spec.channels_last}, "
-           f"fused AdamW {spec.fused_adam}; {args.steps} timed steps after {args.warmup} warm-up, "
+           f"fused AdamW {spec.fused_adam}, {common.reference_dtype_note(spec)}; {args.steps} timed steps "
+           f"after {args.warmup} warm-up, "
            f"schedule {args.schedule}, torch threads {torch.get_num_threads()}.", "",
            common.markdown_table(rows, cols), ""]
     if rat:

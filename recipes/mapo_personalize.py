@@ -3,7 +3,11 @@ sampler actors (weights synced from the learner every k steps) are the rejected 
 weights that plain diffusers loads with `pipe.load_lora_weights(...)` and a grid over held-out prompts.
 
     python recipes/mapo_personalize.py --config configs/tiny/mapo_personalize.yaml
-    ray job submit --address http://127.0.0.1:8265 -- python recipes/mapo_personalize.py --config configs/tiny/mapo_personalize.yaml
+    ray job submit --address http://127.0.0.1:8265 -- \
+        python recipes/mapo_personalize.py --config configs/tiny/mapo_personalize.yaml
+    # learners as Ray Train workers (rank 0 owns the sampler pool):
+    python recipes/mapo_personalize.py --config configs/tiny/mapo_personalize.yaml \
+        --set ray.enabled=true --set ray.num_learners=2
 """
 
 from __future__ import annotations
@@ -13,42 +17,74 @@ from pathlib import Path
 
 from _common import parse_args
 
-HELDOUT = ["{} on a sandy beach", "{} in a field of wildflowers", "{} in the snow", "{} next to a lantern at dusk"]
+HELDOUT = ["{} on a sandy beach", "{} in a field of wildflowers", "{} in the snow",
+           "{} next to a lantern at dusk"]
+
+
+class HeldoutGrid:
+    """Trainer callback: the final policy on held-out prompts, rendered before the samplers shut down;
+    saved next to the weights and logged to the run's MLflow record."""
+
+    def __init__(self, subject_prompt: str, out_dir: str, steps: int) -> None:
+        self.subject_prompt, self.out_dir, self.steps = subject_prompt, Path(out_dir), steps
+
+    def on_end(self, trainer, summary: dict) -> None:
+        from diffalign.train.reward_eval import attached_tracker
+        from diffalign.train.sampling import generate, image_grid
+
+        bundle = trainer.setup.bundle
+        prompts = [p.format(self.subject_prompt) for p in HELDOUT]
+        images = generate(bundle, bundle.unet, prompts, list(range(len(prompts))), steps=self.steps)
+        grid = image_grid(images, scale=max(1, 128 // bundle.resolution))
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        grid.save(self.out_dir / "heldout_grid.png")
+        if (tracker := attached_tracker(trainer)) is not None:
+            tracker.mlflow.log_image(grid, "samples/heldout_prompts.png")
+
+
+class GridOnRankZero:
+    """`callbacks_factory` for the Ray Train learners (pickled to every worker)."""
+
+    def __init__(self, grid: HeldoutGrid) -> None:
+        self.grid = grid
+
+    def __call__(self, cfg, rank: int) -> list:
+        return [self.grid] if rank == 0 else []
 
 
 def main() -> None:
     args, cfg = parse_args(__doc__.splitlines()[0], "configs/tiny/mapo_personalize.yaml")
+    grid = HeldoutGrid(cfg.data.prompt, cfg.train.output_dir, cfg.tracking.sample_steps)
+    if cfg.ray.enabled:
+        from diffalign.actors.learner import train_with_ray
+
+        out = train_with_ray(cfg, callbacks_factory=GridOnRankZero(grid))  # logs MLflow on rank 0
+        summary = {**out["metrics"], "steps": out["step"], "policy_dir": out["weights"],
+                   "mlflow_run_id": out["mlflow_run_id"], "checkpoint": out["checkpoint"]}
+    else:
+        summary = run_single_learner(cfg, grid)
+    out_dir = Path(cfg.train.output_dir)
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    print(json.dumps({k: v for k, v in summary.items() if not k.startswith("bins/")}, indent=2, default=str))
+
+
+def run_single_learner(cfg, grid: HeldoutGrid) -> dict:
+    """The learner in this process, samplers on Ray; the MLflow run is opened and closed here."""
     from diffalign.actors.online import run_online_mapo
     from diffalign.tracking import MlflowTracker
-    from diffalign.train.sampling import generate, image_grid
 
-    out = Path(cfg.train.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     tracker = MlflowTracker(cfg) if cfg.tracking.mlflow else None
-    grid_holder: dict = {}
-
-    class HeldoutGrid:  # rendered with the final policy before the sampler pool shuts down
-        def on_end(self, trainer, summary):
-            prompts = [p.format(cfg.data.prompt) for p in HELDOUT]
-            images = generate(trainer.setup.bundle, trainer.setup.bundle.unet, prompts, list(range(len(prompts))),
-                              steps=cfg.tracking.sample_steps)
-            grid = image_grid(images, scale=max(1, 128 // trainer.setup.bundle.resolution))
-            grid.save(out / "heldout_grid.png")
-            grid_holder["grid"] = grid
-
     status = "FAILED"
     try:
-        summary = run_online_mapo(cfg, callbacks=[HeldoutGrid()] + ([tracker] if tracker else []))
+        summary = run_online_mapo(cfg, callbacks=[grid] + ([tracker] if tracker else []))
         if tracker:
-            tracker.mlflow.log_image(grid_holder["grid"], "samples/heldout_prompts.png")
             tracker.log_artifacts(summary["policy_dir"], "weights/" + Path(summary["policy_dir"]).name)
             summary["mlflow_run_id"] = tracker.run_id
         status = "FINISHED"
+        return summary
     finally:
         if tracker:
             tracker.close(status)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-    print(json.dumps({k: v for k, v in summary.items() if not k.startswith("bins/")}, indent=2, default=str))
 
 
 if __name__ == "__main__":

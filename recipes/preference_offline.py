@@ -4,6 +4,8 @@ JSONL/CSV) with any objective (sft, dpo, mapo, xdpo) and reference strategy.
     python recipes/preference_offline.py --config configs/tiny/dpo_refupdate.yaml
     python recipes/preference_offline.py --config configs/sd15/dpo.yaml --set data.path=/data/pickapic
     ray job submit -- python recipes/preference_offline.py --config configs/tiny/dpo.yaml --set ray.enabled=true
+
+With data.mismatch_probe set (a CLIP or DINOv2 path), the reference-mismatch probe runs and prints first.
 """
 
 from __future__ import annotations
@@ -17,7 +19,11 @@ def main() -> None:
     args, cfg = parse_args(__doc__.splitlines()[0], "configs/tiny/dpo_refupdate.yaml")
     if cfg.ray.enabled:
         from diffalign.actors.learner import train_with_ray
+        from diffalign.train.mismatch_check import check_reference_mismatch
+        from diffalign.train.setup import build_datasets
 
+        # On the driver, before any learner starts (run_offline does the same in-process, with MLflow).
+        check_reference_mismatch(cfg, build_datasets(cfg)[0] if cfg.data.mismatch_probe else None)
         summary = train_with_ray(cfg)
     else:
         from diffalign.train.run import run_offline

@@ -1,4 +1,6 @@
-"""Ray Tune sweep (ASHA) over beta / eta / gamma / tau / delta; one MLflow run per trial; best config saved.
+"""Ray Tune sweep (ASHA) over beta / eta / gamma / tau / delta; each trial a Ray Train run; best config saved.
+
+Each trial fits `ray.num_learners` Ray Train learners; the Tuner logs one MLflow run per trial.
 
     python recipes/sweep.py --config configs/tiny/sweep.yaml
 """
@@ -12,7 +14,7 @@ from _common import parse_args
 
 def main() -> None:
     args, cfg = parse_args(__doc__.splitlines()[0], "configs/tiny/sweep.yaml")
-    from diffalign.sweep import run_sweep
+    from diffalign.actors.sweep import run_sweep
 
     summary = run_sweep(cfg)
     print("best:", json.dumps(summary["best_params"]), f"{summary['metric']}={summary['best_metric']}")

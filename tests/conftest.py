@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 
 import pytest
 
@@ -21,16 +22,29 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="session")
 def ray_local(tmp_path_factory):
-    """A local Ray cluster (small object store) shared by every Ray test of the session."""
+    """A local Ray cluster (small object store) shared by every Ray test of the session.
+
+    Its own cluster (address="local"), never one a developer started on the same machine. The
+    dashboard is on because Ray Train's placement-group cleaner asks its state API whether a
+    run's controller died: without it, the CPUs of Tune trials that ASHA stops are never freed
+    and the next trials wait forever. The cleaner is told that API's address, since with several
+    Ray instances on one machine it cannot find it by itself.
+    """
     ray = pytest.importorskip("ray")
     if not ray.is_initialized():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            dashboard_port = s.getsockname()[1]
         ray.init(
+            address="local",
             num_cpus=4,
             object_store_memory=200 * 1024 * 1024,
-            include_dashboard=False,
+            include_dashboard=True,
+            dashboard_port=dashboard_port,
             log_to_driver=False,
             runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
-                                      "TOKENIZERS_PARALLELISM": "false"}},
+                                      "TOKENIZERS_PARALLELISM": "false",
+                                      "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{dashboard_port}"}},
         )
     yield ray
     # Left running for the rest of the session; pytest exit shuts it down.

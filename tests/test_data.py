@@ -545,3 +545,49 @@ def test_encode_latents_applies_shift_factor():
     with torch.no_grad():
         mean = vae.encode(images).latent_dist.mean
     assert torch.allclose(encode_latents(vae, images), (mean - 0.25) * 1.5)
+
+
+# -- the configured dataset in a training run ---------------------------------------------------------
+
+
+def test_offline_training_on_messy_parquet_reports_dropped_rows(tmp_path):
+    """data.kind=pickapic end to end: the bad rows are skipped, counted and land in the MLflow record;
+    the last data.heldout_pairs good pairs are held out."""
+    import mlflow
+    from diffalign.config import load_config
+    from diffalign.data.factory import open_pair_dataset
+    from diffalign.train.run import run_offline
+
+    path = tmp_path / "pairs.parquet"
+    write_parquet(path, messy_rows() + numbered_rows(5), row_group_size=4)
+    out = tmp_path / "run"
+    cfg = load_config(None, [
+        "data.kind=pickapic", f"data.path={path}", "data.heldout_pairs=2", f"train.output_dir={out}",
+        "train.max_steps=2", "train.progress=false", "train.eval_every=2", "optim.batch_size=2",
+        "objective.name=dpo", "objective.beta=500", "model.finetune=lora", "guard.enabled=false",
+        "tracking.experiment=messy"])
+    train, held = open_pair_dataset(cfg)
+    assert (len(train), len(held)) == (6, 2)  # 3 good messy rows + 5 numbered, minus 2 held out
+    assert [r.prompt for r in held.records] == ["p3", "p4"]
+    assert_red_over_blue(train[0])
+
+    summary = run_offline(cfg)
+    assert summary["final_step"] == 2 and 0 <= summary["heldout/implicit_acc"] <= 1
+    mlflow.set_tracking_uri(f"sqlite:///{out / 'mlflow.db'}")
+    run = mlflow.search_runs(experiment_names=["messy"], output_format="list")[0]
+    metrics = run.data.metrics
+    assert metrics["data.rows_seen"] == 13 and metrics["data.pairs"] == 8
+    for kind, n in EXPECTED_ISSUES.items():
+        assert metrics[f"data.dropped.{kind}"] == n, kind
+
+
+def test_offline_folder_data_is_refused_with_the_way_out(tmp_path):
+    from diffalign.config import load_config
+    from diffalign.data.factory import open_pair_dataset
+
+    (tmp_path / "imgs").mkdir()
+    solid(RED).save(tmp_path / "imgs" / "a.png")
+    cfg = load_config(None, ["data.kind=folder", f"data.path={tmp_path / 'imgs'}", "data.prompt=sks",
+                             "objective.name=mapo", "reference.strategy=none"])
+    with pytest.raises(ValueError, match="online.enabled=true"):
+        open_pair_dataset(cfg)

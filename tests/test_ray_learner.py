@@ -55,6 +55,23 @@ def test_worker_checkpoint_resumes_exactly(tiny_cfg, tmp_path):
     assert state_fingerprint(b.trainable_weights()) == state_fingerprint(a.trainable_weights())
 
 
+def test_mlflow_record_of_a_failed_or_fresh_ray_run(tiny_cfg):
+    from diffalign.actors import tracking
+    from diffalign.tracking import tracking_uri
+    from mlflow.tracking import MlflowClient
+
+    cfg = tiny_cfg("tracking.mlflow=true")
+    client = MlflowClient(tracking_uri=tracking_uri(cfg))
+    run_id = client.create_run(client.create_experiment("ray-run")).info.run_id  # rank 0's open run
+    tracking.write_record(cfg, {"run_id": run_id, "status": "RUNNING", "weights": None})
+    tracking.mark_failed(cfg)  # the driver, when the fit raised (the worker group died for good)
+    assert client.get_run(run_id).info.status == "FAILED" and tracking.read_record(cfg)["status"] == "FAILED"
+    tracking.prepare_record(cfg, resuming=True)  # Ray resumes the same run: keep going with it
+    assert tracking.read_record(cfg)["run_id"] == run_id
+    tracking.prepare_record(cfg, resuming=False)  # a new Ray run: a new MLflow run
+    assert tracking.read_record(cfg) == {}
+
+
 def test_placement_bundles_and_validation(tiny_cfg):
     cfg = tiny_cfg("ray.num_learners=2", "ray.cpus_per_learner=1.5", "reference.placement=actor",
                    "ray.reference_cpus=0.5")
@@ -158,7 +175,7 @@ def test_two_ddp_learners_with_reference_actor(ray_local, tiny_cfg):
 def test_killed_learner_resumes_exactly(ray_local, tiny_cfg):
     from diffalign.actors.learner import train_with_ray
 
-    cfg = tiny_cfg(*TWO_LEARNERS)
+    cfg = tiny_cfg(*TWO_LEARNERS, "tracking.mlflow=true")
     out = train_with_ray(cfg, fault=FaultInjection(kill_at_step=4, rank=1))
     assert out["step"] == 4 and out["ranks_in_sync"]
     log = read_step_log(out["step_log"])
@@ -174,3 +191,15 @@ def test_killed_learner_resumes_exactly(ray_local, tiny_cfg):
         assert again[step]["loss"] == first[step]["loss"]
         assert again[step]["fingerprint"] == first[step]["fingerprint"]
     assert out["rank_fingerprints"][0] == first[4]["fingerprint"]
+    # Rank 0 of the restarted group continued the same MLflow run: one run, every step logged (the
+    # redone steps twice, with the same loss), the final weights, status FINISHED.
+    from diffalign.tracking import tracking_uri
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri(cfg))
+    runs = client.search_runs([client.get_experiment_by_name(cfg.tracking.experiment).experiment_id])
+    assert [r.info.run_id for r in runs] == [out["mlflow_run_id"]] and runs[0].info.status == "FINISHED"
+    history = client.get_metric_history(out["mlflow_run_id"], "loss")
+    assert sorted(m.step for m in history) == [1, 2, 3, 3, 4, 4]
+    assert all(m.value == first[m.step]["loss"] for m in history)
+    assert out["weights"].endswith("unet") and client.list_artifacts(out["mlflow_run_id"], "weights/unet")

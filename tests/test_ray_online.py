@@ -159,3 +159,37 @@ def test_online_mapo_survives_sampler_restart(ray_local, tiny_cfg, tmp_path, mod
     img = pipe(PROMPT, num_inference_steps=2, guidance_scale=3.0, height=32, width=32,
                generator=torch.Generator().manual_seed(0), output_type="pil").images[0]
     assert img.size == (32, 32)
+
+
+@pytest.mark.slow
+def test_two_learners_sampler_and_reference_actor_online(ray_local, tiny_cfg, tmp_path):
+    """The whole runtime at once: 2 Ray Train learners (DDP), 1 sampler actor owned by rank 0 and
+    a reference actor, training online DPO (targets chosen, on-policy samples rejected)."""
+    import math
+
+    from diffalign.actors.learner import read_step_log, train_with_ray
+    from diffalign.models.weights import state_fingerprint
+    from diffalign.train.loop import Trainer
+
+    folder = _target_folder(tmp_path / "targets")
+    common = ("data.kind=folder", f"data.path={folder}", f"data.prompt={PROMPT}", "online.enabled=true",
+              "online.mode=async", "online.max_staleness=1", "online.samples_per_request=2",
+              "optim.batch_size=2", "objective.name=dpo", "reference.strategy=frozen", "optim.lr=5e-3")
+    cfg = _lora_cfg(tiny_cfg, *common, "ray.num_learners=2", "reference.placement=actor", "train.max_steps=6",
+                    "train.checkpoint_every=3", "ray.sampler.probe_every=2")
+    out = train_with_ray(cfg)
+
+    assert out["step"] == 6 and out["ranks_in_sync"] and len(out["rank_fingerprints"]) == 2
+    m = out["metrics"]
+    assert m["online/sync_version"] == 6 and m["online/staleness_max"] <= 1
+    assert m["online/probe_max_abs_err"] < 1e-4
+    losses = [r["loss"] for r in read_step_log(out["step_log"]) if r["event"] == "step"]
+    assert len(losses) == 6 and all(math.isfinite(x) for x in losses)
+    # Policy == reference at the first step, so its loss is log 2; preference learning pushes it down.
+    assert abs(losses[0] - math.log(2)) < 1e-3
+    assert sum(losses[-3:]) / 3 < math.log(2) - 0.01, losses
+
+    fresh = Trainer(_lora_cfg(tiny_cfg, *common), train_data=[{}], heldout_data=None)
+    fresh.restore(out["checkpoint"])
+    assert fresh.step == 6
+    assert state_fingerprint(fresh.trainable_weights()) == out["rank_fingerprints"][0]

@@ -3,6 +3,8 @@ estimate, checkpoint state, and LoRA references that keep no UNet copy."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from diffalign.models import Denoiser, PromptEncoder, build_tiny_bundle, trainable_state_dict
@@ -312,3 +314,123 @@ def test_state_dict_round_trip(policy, strategy):
     assert other.last_divergence == ref.last_divergence
     assert _same(other.reference_state(), ref.reference_state())
     assert torch.equal(fresh.ref_errors(other), expected_err)
+
+
+# ------------------------------------------------------------------ half-precision reference copy
+
+
+def test_resolve_reference_dtype_and_config_field():
+    from diffalign.config import ConfigError, load_config
+    from diffalign.reference import resolve_reference_dtype
+
+    assert resolve_reference_dtype("auto", "bf16", "cpu") == torch.float32
+    assert resolve_reference_dtype("auto", "bf16", "cuda") == torch.bfloat16
+    assert resolve_reference_dtype("auto", "fp16", torch.device("cuda", 0)) == torch.float16
+    assert resolve_reference_dtype("auto", "no", "cuda") == torch.float32
+    assert resolve_reference_dtype("bf16", "no", "cpu") == torch.bfloat16
+    with pytest.raises(ConfigError, match=r"reference\.dtype"):
+        load_config(None, ["reference.dtype=fp8"])
+
+
+def test_bf16_reference_copy_serves_float32_errors_and_casts_updates():
+    p = Policy(lora=False)
+    fp32 = p.reference("periodic", tau=1)
+    bf16 = p.reference("periodic", tau=1, dtype=torch.bfloat16)
+    assert {q.dtype for q in bf16.ref_unet.parameters()} == {torch.bfloat16}
+    assert {q.dtype for q in p.unet.parameters()} == {torch.float32}  # the policy is untouched
+    err16, err32 = p.ref_errors(bf16), p.ref_errors(fp32)
+    assert err16.dtype == torch.float32
+    assert not torch.equal(err16, err32)
+    assert torch.allclose(err16, err32, rtol=2e-3)
+
+    p.perturb(0.05)
+    bf16.on_step(1, None)
+    policy_state = p.unet.state_dict()
+    for name, value in bf16.ref_unet.state_dict().items():
+        assert value.dtype == torch.bfloat16
+        assert torch.equal(value, policy_state[name].to(torch.bfloat16)), name
+    # the checkpointed reference is the bf16 copy and loads back bit for bit
+    other = Policy(lora=False).reference("periodic", tau=1, dtype=torch.bfloat16)
+    other.load_state_dict(bf16.state_dict())
+    assert torch.equal(p.ref_errors(other), p.ref_errors(bf16))
+
+
+def test_bf16_threshold_reference_estimates_the_same_divergence():
+    p = Policy(lora=False)
+    refs = {dt: p.reference("periodic_threshold", tau=1, delta=1.0, dtype=dt)
+            for dt in (torch.float32, torch.bfloat16)}
+    assert {q.dtype for q in refs[torch.bfloat16].init_unet.parameters()} == {torch.bfloat16}
+    refs[torch.bfloat16].on_step(1, p.probe())
+    assert refs[torch.bfloat16].last_divergence == 0.0  # policy == init: computed the same way
+    p.perturb(0.02)
+    for ref in refs.values():
+        ref.on_step(2, p.probe())
+    d32, d16 = refs[torch.float32].last_divergence, refs[torch.bfloat16].last_divergence
+    assert abs(d32) > 5e-3
+    assert d16 == pytest.approx(d32, abs=2e-3)
+
+
+def test_lora_reference_ignores_the_dtype():
+    p = Policy(lora=True)
+    ref = p.reference("periodic", tau=1, dtype=torch.bfloat16)
+    assert ref.dtype is None and ref.ref_unet is None
+    assert {v.dtype for v in ref.reference_state().values()} == {torch.float32}
+
+
+@pytest.mark.parametrize("mixed_precision", ["no", "bf16"])
+def test_bf16_reference_step_losses(tiny_cfg, mixed_precision):
+    from diffalign.train.loop import Trainer
+
+    base = ("objective.beta=500", "data.num_pairs=8", "optim.batch_size=4",
+            f"model.mixed_precision={mixed_precision}")
+    runs = {}
+    for dtype in ("fp32", "bf16"):
+        trainer = Trainer(tiny_cfg(*base, f"reference.dtype={dtype}"))
+        ref_params = {q.dtype for q in trainer.setup.reference.ref_unet.parameters()}
+        assert ref_params == {torch.bfloat16 if dtype == "bf16" else torch.float32}
+        batch = trainer._micro_batch(0)
+        res = trainer.setup.step(trainer.engine.forward_module, batch, torch.Generator().manual_seed(0))
+        assert res.loss.dtype == torch.float32  # the objective runs in float32 under autocast too
+        first = {**res.out.metrics, "loss": float(res.loss.detach())}
+        runs[dtype] = [first, trainer.train_step()]
+    for m16, m32 in zip(runs["bf16"], runs["fp32"]):
+        assert math.isfinite(m16["loss"])
+        if mixed_precision == "bf16":
+            # autocast already rounds the fp32 copy's weights to bf16: the bf16 copy changes nothing
+            for key in ("loss", "ref_mse_w", "ref_mse_l"):
+                assert m16[key] == pytest.approx(m32[key], rel=1e-6), key
+        else:
+            assert m16["loss"] == pytest.approx(m32["loss"], abs=0.05)
+            assert m16["ref_mse_w"] == pytest.approx(m32["ref_mse_w"], rel=1e-3)
+
+
+# ------------------------------------------------------------------ asynchronous reference requests
+
+
+def test_step_requests_reference_errors_before_the_policy_forward(tiny_cfg):
+    from diffalign.reference import PendingErrors
+    from diffalign.train.loop import Trainer
+
+    trainer = Trainer(tiny_cfg("data.num_pairs=4", "optim.batch_size=2"))
+    step, unet = trainer.setup.step, trainer.engine.forward_module
+    batch = trainer._micro_batch(0)
+    plain = step(unet, batch, torch.Generator().manual_seed(3))
+    events: list[str] = []
+    inner = step.reference
+
+    class Recording:
+        def request_errors(self, *args):
+            events.append("request")
+            pending = inner.request_errors(*args)
+            return PendingErrors(lambda: (events.append("result"), pending.result())[1])
+
+    hook = unet.register_forward_pre_hook(lambda *a: events.append("policy forward"))
+    step.reference = Recording()
+    try:
+        res = step(unet, batch, torch.Generator().manual_seed(3))
+    finally:
+        step.reference = inner
+        hook.remove()
+    assert events == ["request", "policy forward", "result"]
+    assert torch.equal(res.loss, plain.loss)
+    assert res.out.metrics == plain.out.metrics

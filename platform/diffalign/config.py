@@ -16,7 +16,7 @@ from pathlib import Path
 import yaml
 
 from diffalign.objectives import OBJECTIVES, objective_needs_reference
-from diffalign.reference import ON_EXCEED, STRATEGIES
+from diffalign.reference import ON_EXCEED, REFERENCE_DTYPES, STRATEGIES
 
 
 class ConfigError(ValueError):
@@ -69,6 +69,9 @@ class ReferenceConfig:
     on_exceed: str = "freeze"            # freeze | reinit
     divergence_samples: int = 2          # chosen latents used for the estimate
     placement: str = "colocated"         # colocated | actor
+    # Precision of a full-UNet reference copy: auto = model.mixed_precision's dtype on GPU, fp32 on CPU;
+    # bf16 / fp16 halve its memory (LoRA references are adapter tensors and ignore it).
+    dtype: str = "auto"                  # auto | fp32 | bf16 | fp16
 
 
 @dataclass
@@ -89,9 +92,15 @@ class DataConfig:
     random_flip: bool = True
     center_crop: bool = True
     cache_latents: bool = True
+    # Text-encoder outputs once per unique prompt, kept on the training device (off when
+    # model.train_text_encoder: the encoders then change every step).
+    cache_prompt_embeds: bool = True
     max_samples: int | None = None
     on_error: str = "skip"               # skip | raise
     num_workers: int = 0
+    # Reference-mismatch probe before offline training (MaPO Fig. 2): a CLIP or DINOv2 path / hub id.
+    mismatch_probe: str | None = None    # None -> skipped
+    mismatch_probe_n: int = 16           # pairs whose chosen images are compared with base-model samples
 
 
 @dataclass
@@ -117,6 +126,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     eval_every: int = 25
     sample_every: int = 0                # image grid every N steps (0: only at the end)
+    score_every: int = 0                 # reward-model score on fixed prompts/seeds every N steps (0: off)
     log_every: int = 1
     ema_decay: float | None = None
     resume: bool = True
@@ -142,6 +152,12 @@ class TrackingConfig:
     run_name: str | None = None
     num_sample_prompts: int = 4
     sample_steps: int = 8
+    # Periodic reward-model score (train.score_every > 0), see diffalign.train.reward_eval:
+    scorers: str | None = None           # "name:path,..." as recipes/evaluate.py --scorers (e.g. pickscore)
+    score_prompts: str | None = None     # prompt file; None -> held-out prompts, else the tiny synthetic ones
+    score_num_prompts: int = 4           # first N prompts are scored
+    score_seeds: str = "0,1"             # one image per (prompt, seed), the same seeds at every evaluation
+    score_steps: int | None = None       # inference steps; None -> 50 (pretrained model) or sample_steps
 
 
 @dataclass
@@ -159,7 +175,8 @@ class SamplerPoolConfig:
 @dataclass
 class RayConfig:
     enabled: bool = False
-    address: str | None = None           # None -> auto / local
+    # None -> RAY_ADDRESS if set (ray job submit), else a new local cluster; "auto" -> the `ray start` one
+    address: str | None = None
     num_learners: int = 1
     backend: str = "ddp"                 # ddp | deepspeed
     zero_stage: int = 2
@@ -196,6 +213,28 @@ class TuneConfig:
 
 
 @dataclass
+class BuildConfig:
+    """recipes/build_pairs.py: Pick-Style / Pick-Safety pairs sampled from the base model (model section)
+    on Ray sampler actors (ray.sampler: actors, inference_steps, guidance_scale)."""
+    prompts: str | None = None           # captions: .txt .parquet .tsv .csv .json .jsonl; None: tiny ones
+    max_prompts: int | None = None       # keep the first N captions
+    preset: str = "cartoon"              # cartoon | pixel_art | safety (MaPO's style prefixes)
+    # Models: a path or hub id; "tiny" builds a random one offline (CPU demos, tests).
+    llm: str | None = None               # context-prompt LLM; None: the captions are the context prompts
+    judge: str | None = None             # VLM judge; None: every pair is kept
+    backend: str = "auto"                # auto | vllm | transformers; auto: vllm if installed and on a GPU
+    device: str | None = None            # transformers backend; None -> cuda if available, else cpu
+    vllm_kwargs: dict = field(default_factory=dict)  # vllm.LLM options, e.g. {gpu_memory_utilization: 0.3}
+    threshold: float = 6.0               # keep pairs whose chosen image scores >= this (MaPO: above 5 of 10)
+    min_gap: float | None = None         # and beats the rejected image by at least this much
+    batch_size: int = 8                  # pairs generated and judged per round
+    images_per_request: int = 4          # prompts per sampler-actor request
+    max_context_tokens: int = 96         # LLM answer length
+    seed: int = 0                        # the per-pair generation seeds derive from it
+    out: str | None = None               # parquet path; None -> <train.output_dir>/pairs.parquet
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
@@ -209,6 +248,7 @@ class RunConfig:
     ray: RayConfig = field(default_factory=RayConfig)
     online: OnlineConfig = field(default_factory=OnlineConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
+    build: BuildConfig = field(default_factory=BuildConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -359,6 +399,78 @@ def _positive(value, path: str, strict: bool = True) -> None:
         raise ConfigError(f"{path} must be {'>' if strict else '>='} 0, got {value}")
 
 
+def _validate_scoring(cfg: RunConfig, check_paths: bool) -> None:
+    """train.score_every with tracking.scorers / score_*: the periodic reward-model score."""
+    every, t = cfg.train.score_every, cfg.tracking
+    if every < 0:
+        raise ConfigError(f"train.score_every must be >= 0 (0: off), got {every}")
+    if not every and not t.scorers:
+        return
+    if not t.scorers:
+        raise ConfigError(f"train.score_every={every} needs tracking.scorers, e.g. \"clip:/models/clip\"")
+    if not every:
+        raise ConfigError("tracking.scorers is set but train.score_every=0; set train.score_every > 0 "
+                          "to score during training, or remove tracking.scorers")
+    # Lazy: the eval package imports this module.
+    from diffalign.eval.evaluate import parse_scorers, parse_seeds
+    from diffalign.eval.scorers import SCORERS, resolve_path
+
+    try:
+        spec = parse_scorers(t.scorers)
+    except ValueError as e:
+        raise ConfigError(f"tracking.scorers: {e}") from None
+    # dino scores similarity to reference images, which a training run does not have.
+    allowed = tuple(sorted(n for n in SCORERS if n != "dino"))
+    for name, path in spec.items():
+        _choice(name, allowed, "tracking.scorers")
+        if path is not None and check_paths:
+            try:
+                resolve_path(path, None, f"tracking.scorers {name}")
+            except FileNotFoundError as e:
+                raise ConfigError(str(e)) from None
+    if t.score_prompts and check_paths and not Path(t.score_prompts).is_file():
+        raise ConfigError(f"tracking.score_prompts: prompt file {t.score_prompts!r} does not exist")
+    try:
+        parse_seeds(t.score_seeds)
+    except ValueError as e:
+        raise ConfigError(f"tracking.score_seeds={t.score_seeds!r}: expected e.g. 0,1 or 0-3 ({e})") from None
+    if t.score_num_prompts < 1:
+        raise ConfigError(f"tracking.score_num_prompts must be >= 1, got {t.score_num_prompts}")
+    if t.score_steps is not None and t.score_steps < 1:
+        raise ConfigError(f"tracking.score_steps must be >= 1, got {t.score_steps}")
+
+
+def _local_model_exists(path: str, field_name: str) -> None:
+    """A path that looks local must exist; hub ids are checked when they are loaded."""
+    from diffalign.eval.scorers import resolve_path  # lazy: the eval package imports this module
+
+    try:
+        resolve_path(path, None, field_name)
+    except FileNotFoundError as e:
+        raise ConfigError(str(e)) from None
+
+
+def _validate_build(cfg: RunConfig, check_paths: bool) -> None:
+    b = cfg.build
+    from diffalign.build.styles import STYLE_PRESETS
+
+    _choice(b.preset, tuple(STYLE_PRESETS), "build.preset")
+    _choice(b.backend, ("auto", "vllm", "transformers"), "build.backend")
+    if b.prompts and check_paths and not Path(b.prompts).is_file():
+        raise ConfigError(f"build.prompts: prompt file {b.prompts!r} does not exist")
+    for name in ("llm", "judge"):
+        value = getattr(b, name)
+        if value and value != "tiny" and check_paths:
+            _local_model_exists(value, f"build.{name}")
+    if not 0 <= b.threshold <= 10:
+        raise ConfigError(f"build.threshold must be a judge score in [0, 10], got {b.threshold}")
+    _positive(b.min_gap, "build.min_gap", strict=False)
+    for name in ("batch_size", "images_per_request", "max_context_tokens", "max_prompts"):
+        value = getattr(b, name)
+        if value is not None and value < 1:
+            raise ConfigError(f"build.{name} must be >= 1, got {value}")
+
+
 def validate(cfg: RunConfig, check_paths: bool = True) -> None:
     m, o, r, t, d = cfg.model, cfg.objective, cfg.reference, cfg.timesteps, cfg.data
     _choice(m.family, ("sd15", "sdxl"), "model.family")
@@ -382,6 +494,7 @@ def validate(cfg: RunConfig, check_paths: bool = True) -> None:
     _choice(r.strategy, STRATEGIES, "reference.strategy")
     _choice(r.on_exceed, ON_EXCEED, "reference.on_exceed")
     _choice(r.placement, ("colocated", "actor"), "reference.placement")
+    _choice(r.dtype, REFERENCE_DTYPES, "reference.dtype")
     if r.tau < 1:
         raise ConfigError(f"reference.tau must be >= 1, got {r.tau}")
     _positive(r.delta, "reference.delta")
@@ -415,6 +528,10 @@ def validate(cfg: RunConfig, check_paths: bool = True) -> None:
             raise ConfigError(f"data.path does not exist: {d.path}")
     if d.kind == "folder" and not d.prompt:
         raise ConfigError("data.prompt (the identifier prompt, e.g. 'a photo of sks dog') is required for data.kind=folder")
+    if d.mismatch_probe_n < 1:
+        raise ConfigError(f"data.mismatch_probe_n must be >= 1, got {d.mismatch_probe_n}")
+    if d.mismatch_probe and check_paths:
+        _local_model_exists(d.mismatch_probe, "data.mismatch_probe")
 
     op = cfg.optim
     _positive(op.lr, "optim.lr")
@@ -429,6 +546,7 @@ def validate(cfg: RunConfig, check_paths: bool = True) -> None:
         raise ConfigError(f"train.checkpoint_every must be >= 1, got {tr.checkpoint_every}")
     if tr.ema_decay is not None and not (0 < tr.ema_decay < 1):
         raise ConfigError(f"train.ema_decay must be in (0, 1), got {tr.ema_decay}")
+    _validate_scoring(cfg, check_paths)
     g = cfg.guard
     if g.max_bad_steps < 1 or not (0 < g.lr_factor <= 1) or g.spike_sigmas <= 0:
         raise ConfigError("guard: max_bad_steps >= 1, 0 < lr_factor <= 1 and spike_sigmas > 0 are required")
@@ -445,10 +563,15 @@ def validate(cfg: RunConfig, check_paths: bool = True) -> None:
     on = cfg.online
     _choice(on.mode, ("async", "sync"), "online.mode")
     if on.enabled:
-        if o.name != "mapo" and o.name != "sft":
-            raise ConfigError(f"online.enabled needs objective.name=mapo (got {o.name}): on-policy rejected samples")
+        if o.name not in ("mapo", "dpo", "xdpo", "sft"):
+            raise ConfigError(f"online.enabled needs objective.name in mapo|dpo|xdpo|sft (got {o.name})")
         if d.kind != "folder":
             raise ConfigError("online.enabled needs data.kind=folder (the user's target images)")
         if on.max_staleness < 0:
             raise ConfigError(f"online.max_staleness must be >= 0, got {on.max_staleness}")
     _choice(cfg.tune.mode, ("min", "max"), "tune.mode")
+    for name, least in (("num_samples", 1), ("report_every", 1), ("max_concurrent", 1), ("grace_period", 1),
+                        ("reduction_factor", 2)):  # ASHA keeps 1/reduction_factor of the trials per rung
+        if getattr(cfg.tune, name) < least:
+            raise ConfigError(f"tune.{name} must be >= {least}, got {getattr(cfg.tune, name)}")
+    _validate_build(cfg, check_paths)

@@ -1,5 +1,5 @@
 """Renders one MLflow run into a single PNG (and an HTML page) a person can look at:
-loss and accuracy curves, held-out accuracy, reward margin, gradient norm, learning rate,
+loss and accuracy curves, held-out accuracy, reward-model scores, reward margin, gradient norm, learning rate,
 reference divergence/version, per-timestep-interval accuracy, guard events and the latest
 sample grid."""
 
@@ -39,6 +39,9 @@ def render_report(run_id: str, tracking_uri: str, out_png: str | Path, out_html:
     run = client.get_run(run_id)
     keys = set(run.data.metrics)
     curves = [(k, t) for k, t in CURVES if k in keys]
+    # Periodic reward-model scores (diffalign.train.reward_eval), one curve per scorer.
+    curves += [(k, f"reward score: {k.split('.', 1)[1]} (fixed prompts, seeds)")
+               for k in sorted(keys) if k.startswith("score.")]
     bins = sorted((k for k in keys if k.startswith("bins.acc_")), key=lambda k: int(k.rsplit("_", 1)[1]))
     events = [k for k in keys if k.startswith("events.")]
     with tempfile.TemporaryDirectory() as tmp:

@@ -50,6 +50,12 @@ class MlflowTracker:
 
     # --- Trainer callback hooks
     def on_start(self, trainer) -> None:
+        issues = getattr(trainer, "data_issues", None)
+        if issues is not None:  # what the readers dropped and why, never a silent drop
+            counts = {"data.rows_seen": issues.rows_seen, "data.pairs": issues.items_yielded,
+                      **{f"data.dropped.{k}": n for k, n in issues.summary().items()}}
+            self.mlflow.log_metrics({k: float(v) for k, v in counts.items()}, step=trainer.step)
+            self.mlflow.log_text(issues.report(), "data_issues.txt")
         if trainer.step == 0:
             self.log_images(trainer, "samples/step_000000.png")
 

@@ -73,6 +73,7 @@ class BuildSummary:
     threshold: float | None = None
     min_gap: float | None = None
     seed: int = 0
+    metadata: dict[str, Any] = field(default_factory=dict)  # provenance from the caller (models, sampler)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -122,6 +123,7 @@ def build_pair_dataset(
     jpeg_quality: int = 95,
     summary_path: str | os.PathLike[str] | None = None,
     progress: bool = True,
+    metadata: dict[str, Any] | None = None,
 ) -> BuildSummary:
     """Run steps 1-4 and write the parquet to ``out_path`` and a summary JSON next to it.
 
@@ -129,7 +131,7 @@ def build_pair_dataset(
     callable mapping captions to :class:`ExtractedPrompt`, or ``None`` when ``prompts`` are already context
     prompts. ``image_generator(prompts, seeds)`` gets the chosen prompts followed by the rejected ones
     with the same seeds, so each pair differs only in its style prefix. Rows are written batch by batch,
-    so memory stays flat however many pairs are built.
+    so memory stays flat however many pairs are built. ``metadata`` is stored as is in the summary.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -214,6 +216,7 @@ def build_pair_dataset(
         threshold=threshold if judge is not None else None,
         min_gap=min_gap if judge is not None else None,
         seed=seed,
+        metadata=dict(metadata or {}),
     )
     summary_file.parent.mkdir(parents=True, exist_ok=True)
     summary_file.write_text(json.dumps(summary.to_dict(), indent=2) + "\n")

@@ -45,10 +45,22 @@ class Conditioning:
 
 
 class PromptEncoder:
-    """Encodes prompts with the bundle's frozen text encoders (the way the diffusers pipelines do)."""
+    """Encodes prompts with the bundle's text encoders (the way the diffusers pipelines do).
+
+    The encoders run without autograd unless some of their parameters are trained
+    (`model.train_text_encoder`: LoRA adapters on them), so those adapters get gradients.
+    """
 
     def __init__(self, bundle: ModelBundle) -> None:
         self.bundle = bundle
+
+    @property
+    def trainable(self) -> bool:
+        return any(p.requires_grad for enc in self.bundle.text_encoders for p in enc.parameters())
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.bundle.text_encoders[0].parameters()).device
 
     def _tokens(self, tokenizer, prompts: list[str], device) -> torch.Tensor:
         ids = tokenizer(
@@ -57,28 +69,39 @@ class PromptEncoder:
         ).input_ids
         return ids.to(device)
 
-    @torch.no_grad()
+    def text_embeddings(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(prompt embeddings, pooled embeddings or None), one row per prompt, in the encoders' dtype."""
+        b = self.bundle
+        device = self.device
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.trainable):
+            if b.family == "sd15":
+                return b.text_encoders[0](self._tokens(b.tokenizers[0], prompts, device))[0], None
+            states, pooled = [], None
+            for tok, enc in zip(b.tokenizers, b.text_encoders):
+                out = enc(self._tokens(tok, prompts, device), output_hidden_states=True)
+                states.append(out.hidden_states[-2])  # SDXL conditions on the penultimate layer
+                pooled = out[0]  # text_embeds of the projection model (second encoder)
+            return torch.cat(states, dim=-1), pooled
+
+    def time_ids(self, n: int, original_sizes: list[tuple[int, int]] | None = None,
+                 crop_top_lefts: list[tuple[int, int]] | None = None) -> torch.Tensor:
+        """SDXL micro-conditioning (original h, w, crop top, left, target h, w), (n, 6) float32."""
+        res = self.bundle.resolution
+        original_sizes = original_sizes or [(res, res)] * n
+        crop_top_lefts = crop_top_lefts or [(0, 0)] * n
+        return torch.tensor(
+            [list(o) + list(c) + [res, res] for o, c in zip(original_sizes, crop_top_lefts)],
+            dtype=torch.float32, device=self.device,
+        )
+
     def __call__(
         self,
         prompts: list[str],
         original_sizes: list[tuple[int, int]] | None = None,
         crop_top_lefts: list[tuple[int, int]] | None = None,
     ) -> Conditioning:
-        b = self.bundle
-        device = next(b.text_encoders[0].parameters()).device
-        if b.family == "sd15":
-            embeds = b.text_encoders[0](self._tokens(b.tokenizers[0], prompts, device))[0]
+        embeds, pooled = self.text_embeddings(list(prompts))
+        if pooled is None:
             return Conditioning(embeds.float())
-        states, pooled = [], None
-        for tok, enc in zip(b.tokenizers, b.text_encoders):
-            out = enc(self._tokens(tok, prompts, device), output_hidden_states=True)
-            states.append(out.hidden_states[-2])  # SDXL conditions on the penultimate layer
-            pooled = out[0]  # text_embeds of the projection model (second encoder)
-        res = b.resolution
-        original_sizes = original_sizes or [(res, res)] * len(prompts)
-        crop_top_lefts = crop_top_lefts or [(0, 0)] * len(prompts)
-        time_ids = torch.tensor(
-            [list(o) + list(c) + [res, res] for o, c in zip(original_sizes, crop_top_lefts)],
-            dtype=torch.float32, device=device,
-        )
-        return Conditioning(torch.cat(states, dim=-1).float(), pooled.float(), time_ids)
+        time_ids = self.time_ids(len(prompts), original_sizes, crop_top_lefts)
+        return Conditioning(embeds.float(), pooled.float(), time_ids)

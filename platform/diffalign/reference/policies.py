@@ -12,13 +12,23 @@ One interface, four strategies:
 
 Storage is chosen for memory: a LoRA policy keeps the reference as a copy of the adapter tensors
 (kilobytes) and the initial model is simply the policy with adapters disabled; a full fine-tune
-keeps a frozen copy of the UNet (plus a copy of the initial UNet for `periodic_threshold`).
+keeps a frozen copy of the UNet (plus a copy of the initial UNet for `periodic_threshold`), in
+`dtype` (`reference.dtype`: bf16 / fp16 halve it). Half-precision copies run under autocast to
+their dtype, and so does the fp32 policy when `periodic_threshold` compares it with the initial
+copy, so the drift estimate compares two models computed the same way. Errors are always the
+float32 MSE of the prediction.
+
+`request_errors` is the asynchronous form of `errors`: it returns a `PendingErrors` whose
+`result()` gives the errors. Here the forward runs when the result is read; a reference served by
+another process (a Ray actor) starts computing at the request, so the step overlaps it with the
+policy forward.
 """
 
 from __future__ import annotations
 
 import copy
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import contextmanager, nullcontext
 
 import torch
 
@@ -29,6 +39,32 @@ from diffalign.reference.divergence import estimate_reference_kl
 
 STRATEGIES = ("none", "frozen", "periodic", "periodic_threshold")
 ON_EXCEED = ("freeze", "reinit")
+REFERENCE_DTYPES = ("auto", "fp32", "bf16", "fp16")
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_MIXED_PRECISION = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_reference_dtype(name: str, mixed_precision: str, device: torch.device | str) -> torch.dtype:
+    """`reference.dtype` -> torch dtype; auto = the mixed-precision dtype on GPU, float32 on CPU."""
+    if name not in REFERENCE_DTYPES:
+        raise ValueError(f"reference.dtype must be one of {REFERENCE_DTYPES}, got {name!r}")
+    if name != "auto":
+        return _DTYPES[name]
+    return _MIXED_PRECISION[mixed_precision] if torch.device(device).type == "cuda" else torch.float32
+
+
+class PendingErrors:
+    """Reference errors asked for now and read later with `result()` (computed at most once)."""
+
+    def __init__(self, compute: Callable[[], torch.Tensor | None]) -> None:
+        self._compute = compute
+        self._done = False
+        self._value: torch.Tensor | None = None
+
+    def result(self) -> torch.Tensor | None:
+        if not self._done:
+            self._value, self._done, self._compute = self._compute(), True, None
+        return self._value
 
 
 class ReferencePolicy:
@@ -48,6 +84,11 @@ class ReferencePolicy:
     def errors(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning,
                target: torch.Tensor) -> torch.Tensor | None:
         return None
+
+    def request_errors(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning,
+                       target: torch.Tensor) -> PendingErrors:
+        """`errors` of these inputs, computed when the result is read (in the caller's context)."""
+        return PendingErrors(lambda: self.errors(noisy, timesteps, cond, target))
 
     def on_step(self, step: int, probe: dict | None = None) -> dict[str, float]:
         """Called after optimizer step `step` (1-based); returns metrics to log."""
@@ -78,12 +119,14 @@ class ModelReference(ReferencePolicy):
     strategy = "frozen"
 
     def __init__(self, policy_unet: torch.nn.Module, denoiser: Denoiser, tau: int = 1, delta: float = 0.0,
-                 on_exceed: str = "freeze") -> None:
+                 on_exceed: str = "freeze", dtype: torch.dtype | None = None) -> None:
         super().__init__()
         self.policy = policy_unet
         self.denoiser = denoiser
         self.tau, self.delta, self.on_exceed = int(tau), float(delta), on_exceed
         self.lora = is_lora_model(policy_unet)
+        # Adapter tensors are kilobytes: a LoRA reference keeps the policy's dtype.
+        self.dtype = None if self.lora or dtype in (None, torch.float32) else dtype
         if self.lora:
             # Adapter tensors only: the init model is the policy with adapters disabled.
             self.ref_state = trainable_state_dict(policy_unet)
@@ -96,12 +139,20 @@ class ModelReference(ReferencePolicy):
                 self._frozen_copy(policy_unet) if self.strategy == "periodic_threshold" else None
             )
 
-    @staticmethod
-    def _frozen_copy(unet: torch.nn.Module) -> torch.nn.Module:
+    def _frozen_copy(self, unet: torch.nn.Module) -> torch.nn.Module:
         ref = copy.deepcopy(unet)
         ref.requires_grad_(False)
         ref.eval()
+        if self.dtype is not None:
+            # nn.Module.to skips diffusers' warning about casting (the UNet keeps no module in float32)
+            torch.nn.Module.to(ref, self.dtype)
         return ref
+
+    def _compute(self, device: torch.device):
+        """Autocast to a half-precision reference dtype (see module docstring), else as the caller runs."""
+        if self.dtype is None:
+            return nullcontext()
+        return torch.autocast(device_type=device.type, dtype=self.dtype)
 
     @contextmanager
     def _policy_with(self, state: dict[str, torch.Tensor] | None):
@@ -137,7 +188,8 @@ class ModelReference(ReferencePolicy):
                     return self.denoiser.errors(unet, noisy, timesteps, cond, target)
             finally:
                 self.policy.train(was_training)
-        return self.denoiser.errors(self.ref_unet, noisy, timesteps, cond, target)
+        with self._compute(noisy.device):
+            return self.denoiser.errors(self.ref_unet, noisy, timesteps, cond, target)
 
     def _init_errors(self, noisy, timesteps, cond, target):
         if self.lora:
@@ -148,13 +200,15 @@ class ModelReference(ReferencePolicy):
                     return self.denoiser.errors(unet, noisy, timesteps, cond, target)
             finally:
                 self.policy.train(was_training)
-        return self.denoiser.errors(self.init_unet, noisy, timesteps, cond, target)
+        with self._compute(noisy.device):
+            return self.denoiser.errors(self.init_unet, noisy, timesteps, cond, target)
 
     def _candidate_errors(self, noisy, timesteps, cond, target):
         was_training = self.policy.training
         self.policy.eval()
         try:
-            return self.denoiser.errors(self.policy, noisy, timesteps, cond, target)
+            with self._compute(noisy.device):
+                return self.denoiser.errors(self.policy, noisy, timesteps, cond, target)
         finally:
             self.policy.train(was_training)
 
@@ -162,7 +216,7 @@ class ModelReference(ReferencePolicy):
         if self.lora:
             self.ref_state = trainable_state_dict(self.policy)
         else:
-            self.ref_unet.load_state_dict(self.policy.state_dict())
+            self.ref_unet.load_state_dict(self.policy.state_dict())  # copies cast into the reference dtype
         self.version += 1
 
     def reset_to_init(self) -> None:
@@ -174,7 +228,9 @@ class ModelReference(ReferencePolicy):
 
     def reference_state(self) -> dict[str, torch.Tensor]:
         """The reference weights (adapter tensors or full UNet state) for checkpoints and sync."""
-        return dict(self.ref_state) if self.lora else {k: v.detach().cpu() for k, v in self.ref_unet.state_dict().items()}
+        if self.lora:
+            return dict(self.ref_state)
+        return {k: v.detach().cpu() for k, v in self.ref_unet.state_dict().items()}
 
     def load_reference_state(self, state: dict[str, torch.Tensor]) -> None:
         if self.lora:
@@ -212,7 +268,8 @@ class ThresholdReference(ModelReference):
         if self.frozen or step % self.tau != 0:
             return self.metrics()
         if probe is None:
-            raise ValueError("periodic_threshold needs a probe batch of chosen latents to estimate KL(ref||init)")
+            raise ValueError("periodic_threshold needs a probe batch of chosen latents to estimate "
+                             "KL(ref||init)")
         cond = probe["cond"]
         div = estimate_reference_kl(
             lambda x, t, y: self._candidate_errors(x, t, cond, y),
@@ -229,8 +286,9 @@ class ThresholdReference(ModelReference):
         return self.metrics()
 
 
-def build_reference(strategy: str, policy_unet: torch.nn.Module | None = None, denoiser: Denoiser | None = None,
-                    tau: int = 32, delta: float = 0.005, on_exceed: str = "freeze") -> ReferencePolicy:
+def build_reference(strategy: str, policy_unet: torch.nn.Module | None = None,
+                    denoiser: Denoiser | None = None, tau: int = 32, delta: float = 0.005,
+                    on_exceed: str = "freeze", dtype: torch.dtype | None = None) -> ReferencePolicy:
     """Reference policy by name (see module docstring)."""
     if strategy not in STRATEGIES:
         raise ValueError(f"reference.strategy must be one of {STRATEGIES}, got {strategy!r}")
@@ -243,4 +301,4 @@ def build_reference(strategy: str, policy_unet: torch.nn.Module | None = None, d
     if strategy == "periodic_threshold" and delta <= 0:
         raise ValueError(f"reference.delta must be > 0, got {delta}")
     cls = {"frozen": FrozenReference, "periodic": PeriodicReference, "periodic_threshold": ThresholdReference}
-    return cls[strategy](policy_unet, denoiser, tau=tau, delta=delta, on_exceed=on_exceed)
+    return cls[strategy](policy_unet, denoiser, tau=tau, delta=delta, on_exceed=on_exceed, dtype=dtype)

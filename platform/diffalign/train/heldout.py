@@ -26,7 +26,8 @@ class HeldoutEvaluator:
         n = len(dataset)
         for start in range(0, n, batch_size):
             raw = collate_pairs([dataset[i] for i in range(start, min(n, start + batch_size))])
-            batch = make_batch(raw, setup.prompt_encoder, setup.latent_encoder, device)
+            with torch.no_grad():  # kept for the whole run: no autograd graph of a trained text encoder
+                batch = make_batch(raw, setup.prompt_encoder, setup.latent_encoder, device)
             bsz = batch.chosen.shape[0]
             # Stratified timesteps so every part of [0, T) is evaluated.
             draws = []

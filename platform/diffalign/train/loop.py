@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from diffalign.config import RunConfig
 from diffalign.data.collate import collate_pairs
 from diffalign.models.weights import load_trainable_state_dict, trainable_state_dict
-from diffalign.train.cache import CachedPairs
+from diffalign.train.cache import CachedPairs, prefill_prompt_cache
 from diffalign.train.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from diffalign.train.data_order import BatchOrder
 from diffalign.train.diagnostics import TimestepBins
@@ -47,8 +47,11 @@ class Trainer:
         self.setup = setup or build_setup(cfg, self.device)
         if train_data is None:
             train_data, heldout_data = build_datasets(cfg)
+        # Bad-input account of the readers (ties, unreadable images, ...), for the run record.
+        self.data_issues = getattr(train_data, "issues", None)
         if cfg.data.cache_latents and not cfg.online.enabled and "chosen" in train_data[0]:
             train_data = CachedPairs(train_data, self.setup.latent_encoder, progress=self.is_main and cfg.train.progress)
+        prefill_prompt_cache(self.setup.prompt_encoder, train_data)
         self.train_data = train_data
         self.callbacks = list(callbacks or [])
         # batch_source(items, micro_step) -> collated batch; online MaPO adds on-policy rejected samples here.
@@ -240,9 +243,11 @@ class Trainer:
             if self.heldout is not None and (self.step % cfg.train.eval_every == 0 or self.step == cfg.train.max_steps):
                 metrics.update(self.evaluate())
             self.last_metrics = metrics
-            bar.set_postfix({k: f"{metrics[k]:.3g}" for k in PROGRESS_KEYS if k in metrics})
             for cb in self.callbacks:
                 getattr(cb, "on_step", lambda *a: None)(self, metrics)
+            # After the callbacks: they may add metrics worth watching (reward scores).
+            bar.set_postfix({k: f"{v:.3g}" for k, v in metrics.items()
+                             if k in PROGRESS_KEYS or k.startswith("score/")})
             if self.is_main and self.step % cfg.train.checkpoint_every == 0:
                 self.save()
         bar.close()

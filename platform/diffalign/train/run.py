@@ -11,6 +11,8 @@ import torch
 from diffalign.config import RunConfig, save_config
 from diffalign.models.lora import save_lora
 from diffalign.train.loop import Trainer
+from diffalign.train.mismatch_check import check_reference_mismatch
+from diffalign.train.setup import build_datasets
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +39,20 @@ def run_offline(cfg: RunConfig, callbacks: list | None = None, device: str | Non
         from diffalign.tracking import MlflowTracker
 
         tracker = MlflowTracker(cfg)
+    if cfg.train.score_every:
+        from diffalign.train.reward_eval import RewardEvaluator
+
+        # Before the tracker, so the score/* metrics it adds are logged at the same step.
+        callbacks.append(RewardEvaluator(cfg))
+    if tracker is not None:
         callbacks.append(tracker)
     status = "FAILED"
     try:
+        data = trainer_kw.get("train_data")
+        if cfg.data.mismatch_probe and data is None:  # built once: probed here, trained on below
+            data, trainer_kw["heldout_data"] = build_datasets(cfg)
+            trainer_kw["train_data"] = data
+        check_reference_mismatch(cfg, data, device, tracker)
         trainer = Trainer(cfg, callbacks=callbacks, device=device, **trainer_kw)
         summary = trainer.fit()
         weights = save_final_weights(trainer, out_dir)

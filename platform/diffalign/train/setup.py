@@ -15,8 +15,9 @@ from diffalign.models.loading import load_bundle
 from diffalign.models.lora import TEXT_TARGETS, add_lora
 from diffalign.models.tiny import build_tiny_bundle
 from diffalign.objectives import build_objective
-from diffalign.reference import build_reference
+from diffalign.reference import build_reference, resolve_reference_dtype
 from diffalign.timesteps import build_timestep_sampler, reward_scale
+from diffalign.train.cache import CachedPromptEncoder
 from diffalign.train.step import LatentEncoder, PreferenceStep
 
 DTYPES = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -83,13 +84,16 @@ def build_setup(cfg: RunConfig, device: torch.device | str = "cpu", bundle: Mode
     if reference is None:
         r = cfg.reference
         reference = build_reference(r.strategy, bundle.unet, denoiser, tau=r.tau, delta=r.delta,
-                                    on_exceed=r.on_exceed)
+                                    on_exceed=r.on_exceed,
+                                    dtype=resolve_reference_dtype(r.dtype, cfg.model.mixed_precision, device))
     t = cfg.timesteps
     sampler = build_timestep_sampler(t.sampler, bundle.num_train_timesteps, t.timestep_gamma, t.num_bins)
     scale = reward_scale(t.reward_scale, bundle.noise_scheduler.alphas_cumprod)
     step = PreferenceStep(denoiser, objective, reference, sampler, scale, cfg.reference.divergence_samples,
                           autocast_dtype=DTYPES[cfg.model.mixed_precision])
-    return Setup(cfg, bundle, groups, denoiser, step, PromptEncoder(bundle), LatentEncoder(bundle))
+    cache_text = cfg.data.cache_prompt_embeds and not cfg.model.train_text_encoder
+    prompt_encoder = CachedPromptEncoder(bundle) if cache_text else PromptEncoder(bundle)
+    return Setup(cfg, bundle, groups, denoiser, step, prompt_encoder, LatentEncoder(bundle))
 
 
 def build_datasets(cfg: RunConfig) -> tuple[torch.utils.data.Dataset, torch.utils.data.Dataset | None]:

@@ -3,7 +3,10 @@
 For a batch of pairs:
 1. one timestep and one noise per pair, shared by chosen and rejected;
 2. one policy forward over [chosen; rejected] -> per-sample errors;
-3. reference errors (no grad) when the objective needs them — colocated or from a Ray actor;
+3. reference errors (no grad) when the objective needs them — colocated or from a Ray actor. They
+   are requested before the policy forward and read after it (`reference.request_errors`): a
+   reference in another process computes while the policy forward runs; a colocated one computes
+   when read;
 4. the objective in float32, with the per-sample reward scale lambda(t).
 Backward and the optimizer live in the loop (plain, DDP or DeepSpeed).
 """
@@ -106,13 +109,16 @@ class PreferenceStep:
         t2 = timesteps.repeat(2)
         noisy, target = self.denoiser.noisy_and_target(latents, noise.repeat(2, 1, 1, 1), t2)
         cond2 = batch.cond.repeat(2)
+        pending = None
+        if self.objective.needs_reference:
+            pending = self.reference.request_errors(noisy, t2, cond2, target)
         with self._autocast(device):
             err = self.denoiser.errors(unet, noisy, t2, cond2, target)
         err_w, err_l = err.float().chunk(2)
         ref_w = ref_l = None
-        if self.objective.needs_reference:
+        if pending is not None:
             with torch.no_grad(), self._autocast(device):
-                ref = self.reference.errors(noisy, t2, cond2, target)
+                ref = pending.result()
             ref_w, ref_l = ref.float().to(device).chunk(2)
         weight = self.reward_scale.to(device)[timesteps]
         out = self.objective(err_w, err_l, ref_w, ref_l, weight=weight)
