@@ -276,7 +276,13 @@ def train_loop_per_worker(config: dict) -> None:
         out = {"metrics": {k: v for k, v in summary.items() if isinstance(v, (int, float))},
                "step": trainer.step, "world_size": world_size, "backend": cfg.ray.backend,
                "rank_fingerprints": fingerprints, "ranks_in_sync": len(set(fingerprints)) == 1,
-               "optimizer_steps": optimizer_step_count(engine)}
+               "optimizer_steps": optimizer_step_count(engine), "weights": None}
+        if config.get("save_weights", True) and not cfg.tracking.mlflow:
+            # With MLflow on, the tracker saves (and logs) them; after the fingerprints, so an EMA
+            # swap cannot show up as ranks out of sync.
+            from diffalign.train.run import save_final_weights
+
+            out["weights"] = str(save_final_weights(trainer, Path(cfg.train.output_dir)))
         path = Path(cfg.train.output_dir) / FINAL_JSON
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(out, indent=2))
@@ -344,14 +350,17 @@ def ensure_ray(cfg: RunConfig) -> None:
 
 
 def train_with_ray(cfg: RunConfig, callbacks_factory: Callable[[RunConfig, int], list] | None = None,
-                   fault: FaultInjection | None = None, run_callbacks: Sequence = ()) -> dict:
+                   fault: FaultInjection | None = None, run_callbacks: Sequence = (),
+                   save_weights: bool = True) -> dict:
     """Fits a Ray Train `TorchTrainer` with `cfg.ray.num_learners` workers; returns
     {"metrics", "step", "checkpoint", "path", "rank_fingerprints", "ranks_in_sync", "mlflow_run_id",
     "weights", ...}.
 
     `callbacks_factory(cfg, rank)` builds extra Trainer callbacks on each worker (it is pickled).
     `run_callbacks` go to `ray.train.RunConfig(callbacks=...)` (e.g. Tune's `TuneReportCallback`).
-    With `tracking.mlflow`, rank 0 logs one MLflow run and saves the final weights ("weights").
+    With `tracking.mlflow`, rank 0 logs one MLflow run. Rank 0 saves the final weights in diffusers
+    format ("weights": LoRA file / UNet folder) unless `save_weights=False` (sweep trials: the last
+    checkpoint of each trial holds them).
     """
     import ray.train
     from diffalign.actors import tracking
@@ -376,7 +385,7 @@ def train_with_ray(cfg: RunConfig, callbacks_factory: Callable[[RunConfig, int],
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg, "fault": fault, "callbacks_factory": callbacks_factory,
-                           "reference_actor": actor},
+                           "reference_actor": actor, "save_weights": save_weights},
         torch_config=TorchConfig(backend="nccl" if r.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=r.num_learners, use_gpu=r.use_gpu,
                                                resources_per_worker={"CPU": r.cpus_per_learner}),
@@ -409,7 +418,7 @@ def train_with_ray(cfg: RunConfig, callbacks_factory: Callable[[RunConfig, int],
         "optimizer_steps": final.get("optimizer_steps"),
         "step_log": str(out_dir / STEP_LOG),
         "mlflow_run_id": mlflow_run.get("run_id"),
-        "weights": mlflow_run.get("weights"),
+        "weights": mlflow_run.get("weights") or final.get("weights"),
     }
 
 

@@ -57,7 +57,7 @@ def _trial(params: dict, base: dict) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     cfg = trial_config(config_from_dict(base, check_paths=False), params, tune.get_context().get_trial_dir())
-    train_with_ray(cfg, run_callbacks=[TuneReportCallback()])
+    train_with_ray(cfg, run_callbacks=[TuneReportCallback()], save_weights=False)
 
 
 def run_sweep(cfg: RunConfig) -> dict:

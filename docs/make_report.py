@@ -1,5 +1,5 @@
-"""Makes docs/report.png: a tiny DPO run with three consecutive injected NaN losses at step 9 that trigger a rollback,
-tracked in MLflow and rendered by diffalign.report.
+"""Makes docs/report.png: a tiny DPO run with three consecutive injected NaN losses at step 9 that
+trigger a rollback, tracked in MLflow and rendered by diffalign.report.
 
     python docs/make_report.py
 """
@@ -9,7 +9,6 @@ from __future__ import annotations
 import shutil
 
 import torch
-
 from diffalign.config import load_config
 from diffalign.report import render_report
 from diffalign.tracking import tracking_uri
@@ -32,10 +31,18 @@ class InjectNaN:
 def main() -> None:
     out = "runs/docs-report"
     shutil.rmtree(out, ignore_errors=True)
-    cfg = load_config("configs/tiny/dpo_refupdate.yaml", [
-        f"train.output_dir={out}", "train.max_steps=24", "train.checkpoint_every=4", "train.eval_every=4",
-        "train.sample_every=8", "train.progress=false", "guard.max_bad_steps=3",
-    ])
+    cfg = load_config(
+        "configs/tiny/dpo_refupdate.yaml",
+        [
+            f"train.output_dir={out}",
+            "train.max_steps=24",
+            "train.checkpoint_every=4",
+            "train.eval_every=4",
+            "train.sample_every=8",
+            "train.progress=false",
+            "guard.max_bad_steps=3",
+        ],
+    )
     summary = run_offline(cfg, hooks=InjectNaN(start=9, count=3))
     print(render_report(summary["mlflow_run_id"], tracking_uri(cfg), "docs/report.png", "docs/report.html"))
 

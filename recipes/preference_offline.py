@@ -3,7 +3,8 @@ JSONL/CSV) with any objective (sft, dpo, mapo, xdpo) and reference strategy.
 
     python recipes/preference_offline.py --config configs/tiny/dpo_refupdate.yaml
     python recipes/preference_offline.py --config configs/sd15/dpo.yaml --set data.path=/data/pickapic
-    ray job submit -- python recipes/preference_offline.py --config configs/tiny/dpo.yaml --set ray.enabled=true
+    ray job submit -- python recipes/preference_offline.py --config configs/tiny/dpo.yaml \
+        --set ray.enabled=true
 
 With data.mismatch_probe set (a CLIP or DINOv2 path), the reference-mismatch probe runs and prints first.
 """

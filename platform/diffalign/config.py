@@ -41,12 +41,12 @@ class ModelConfig:
 @dataclass
 class ObjectiveConfig:
     name: str = "dpo"                    # sft | dpo | mapo | xdpo
-    beta: float | None = None            # None -> the objective's own default (dpo 5000, xdpo 1000, mapo 1000)
-    margin_weight: float = 0.1           # MaPO weight of the margin term (official beta_mapo)
-    snr_value: float = 0.5               # MaPO link-function temperature s
-    eta: float = 0.05                    # xDPO
-    xdpo_gamma: float = 1.0 / 6.0        # xDPO (not the timestep gamma)
-    n: float = 6.0                       # xDPO
+    beta: float | None = None  # None -> the objective's own default (dpo 5000, xdpo 1000, mapo 1000)
+    margin_weight: float = 0.1  # MaPO weight of the margin term (official beta_mapo)
+    snr_value: float = 0.5  # MaPO link-function temperature s
+    eta: float = 0.05  # xDPO
+    xdpo_gamma: float = 1.0 / 6.0  # xDPO (not the timestep gamma)
+    n: float = 6.0  # xDPO
 
     def params(self) -> dict:
         p: dict = {}
@@ -63,32 +63,32 @@ class ObjectiveConfig:
 
 @dataclass
 class ReferenceConfig:
-    strategy: str = "frozen"             # none | frozen | periodic | periodic_threshold
-    tau: int = 32                        # update period (Kang et al. search {16, 32, 64})
-    delta: float = 0.005                 # KL(ref||init) bound (0.005 SD1.5, 0.002 SDXL)
-    on_exceed: str = "freeze"            # freeze | reinit
-    divergence_samples: int = 2          # chosen latents used for the estimate
-    placement: str = "colocated"         # colocated | actor
+    strategy: str = "frozen"  # none | frozen | periodic | periodic_threshold
+    tau: int = 32  # update period (Kang et al. search {16, 32, 64})
+    delta: float = 0.005  # KL(ref||init) bound (0.005 SD1.5, 0.002 SDXL)
+    on_exceed: str = "freeze"  # freeze | reinit
+    divergence_samples: int = 2  # chosen latents used for the estimate
+    placement: str = "colocated"  # colocated | actor
     # Precision of a full-UNet reference copy: auto = model.mixed_precision's dtype on GPU, fp32 on CPU;
     # bf16 / fp16 halve its memory (LoRA references are adapter tensors and ignore it).
-    dtype: str = "auto"                  # auto | fp32 | bf16 | fp16
+    dtype: str = "auto"  # auto | fp32 | bf16 | fp16
 
 
 @dataclass
 class TimestepConfig:
-    sampler: str = "uniform"             # uniform | skewed
+    sampler: str = "uniform"  # uniform | skewed
     timestep_gamma: float = 0.9
     num_bins: int = 10
-    reward_scale: str = "constant"       # constant | inv_sqrt_snr
+    reward_scale: str = "constant"  # constant | inv_sqrt_snr
 
 
 @dataclass
 class DataConfig:
-    kind: str = "synthetic"              # synthetic | pickapic | hf_disk | jsonl | csv | folder
+    kind: str = "synthetic"  # synthetic | pickapic | hf_disk | jsonl | csv | folder
     path: str | None = None
-    num_pairs: int = 64                  # synthetic only
+    num_pairs: int = 64  # synthetic only
     heldout_pairs: int = 32
-    prompt: str | None = None            # folder: the identifier prompt ("a photo of sks dog")
+    prompt: str | None = None  # folder: the identifier prompt ("a photo of sks dog")
     random_flip: bool = True
     center_crop: bool = True
     cache_latents: bool = True
@@ -96,11 +96,11 @@ class DataConfig:
     # model.train_text_encoder: the encoders then change every step).
     cache_prompt_embeds: bool = True
     max_samples: int | None = None
-    on_error: str = "skip"               # skip | raise
+    on_error: str = "skip"  # skip | raise
     num_workers: int = 0
     # Reference-mismatch probe before offline training (MaPO Fig. 2): a CLIP or DINOv2 path / hub id.
-    mismatch_probe: str | None = None    # None -> skipped
-    mismatch_probe_n: int = 16           # pairs whose chosen images are compared with base-model samples
+    mismatch_probe: str | None = None  # None -> skipped
+    mismatch_probe_n: int = 16  # pairs whose chosen images are compared with base-model samples
 
 
 @dataclass
@@ -113,7 +113,7 @@ class OptimConfig:
     grad_clip: float = 1.0
     lr_scheduler: str = "constant_with_warmup"
     warmup_steps: int = 0
-    batch_size: int = 8                  # pairs per learner per micro-step
+    batch_size: int = 8  # pairs per learner per micro-step
     grad_accum: int = 1
 
 
@@ -125,8 +125,8 @@ class TrainConfig:
     checkpoint_every: int = 50
     keep_checkpoints: int = 2
     eval_every: int = 25
-    sample_every: int = 0                # image grid every N steps (0: only at the end)
-    score_every: int = 0                 # reward-model score on fixed prompts/seeds every N steps (0: off)
+    sample_every: int = 0  # image grid every N steps (0: only at the end)
+    score_every: int = 0  # reward-model score on fixed prompts/seeds every N steps (0: off)
     log_every: int = 1
     ema_decay: float | None = None
     resume: bool = True
@@ -136,28 +136,28 @@ class TrainConfig:
 @dataclass
 class GuardConfig:
     enabled: bool = True
-    max_bad_steps: int = 3               # consecutive NaN/inf steps before rollback
-    spike_sigmas: float = 6.0            # loss spike threshold in rolling std
+    max_bad_steps: int = 3  # consecutive NaN/inf steps before rollback
+    spike_sigmas: float = 6.0  # loss spike threshold in rolling std
     spike_window: int = 50
     spike_min_history: int = 20
-    lr_factor: float = 0.5               # lr multiplier after a rollback
+    lr_factor: float = 0.5  # lr multiplier after a rollback
     max_rollbacks: int = 5
 
 
 @dataclass
 class TrackingConfig:
     mlflow: bool = True
-    tracking_uri: str | None = None      # None -> sqlite:///<output_dir>/mlflow.db
+    tracking_uri: str | None = None  # None -> sqlite:///<output_dir>/mlflow.db
     experiment: str = "diffalign"
     run_name: str | None = None
     num_sample_prompts: int = 4
     sample_steps: int = 8
     # Periodic reward-model score (train.score_every > 0), see diffalign.train.reward_eval:
-    scorers: str | None = None           # "name:path,..." as recipes/evaluate.py --scorers (e.g. pickscore)
-    score_prompts: str | None = None     # prompt file; None -> held-out prompts, else the tiny synthetic ones
-    score_num_prompts: int = 4           # first N prompts are scored
-    score_seeds: str = "0,1"             # one image per (prompt, seed), the same seeds at every evaluation
-    score_steps: int | None = None       # inference steps; None -> 50 (pretrained model) or sample_steps
+    scorers: str | None = None  # "name:path,..." as recipes/evaluate.py --scorers (e.g. pickscore)
+    score_prompts: str | None = None  # prompt file; None -> held-out prompts, else the tiny synthetic ones
+    score_num_prompts: int = 4  # first N prompts are scored
+    score_seeds: str = "0,1"  # one image per (prompt, seed), the same seeds at every evaluation
+    score_steps: int | None = None  # inference steps; None -> 50 (pretrained model) or sample_steps
 
 
 @dataclass
@@ -165,8 +165,8 @@ class SamplerPoolConfig:
     num: int = 1
     num_cpus: float = 1.0
     num_gpus: float = 0.0
-    sync_every: int = 1                  # learner -> sampler weight sync period (steps)
-    probe_every: int = 4                 # verify outputs on a probe batch every M syncs
+    sync_every: int = 1  # learner -> sampler weight sync period (steps)
+    probe_every: int = 4  # verify outputs on a probe batch every M syncs
     max_restarts: int = 3
     inference_steps: int = 8
     guidance_scale: float = 5.0
@@ -178,13 +178,13 @@ class RayConfig:
     # None -> RAY_ADDRESS if set (ray job submit), else a new local cluster; "auto" -> the `ray start` one
     address: str | None = None
     num_learners: int = 1
-    backend: str = "ddp"                 # ddp | deepspeed
+    backend: str = "ddp"  # ddp | deepspeed
     zero_stage: int = 2
     offload_optimizer: bool = False
     use_gpu: bool = False
     cpus_per_learner: float = 1.0
     max_failures: int = 1
-    storage_path: str | None = None      # None -> <output_dir>/ray
+    storage_path: str | None = None  # None -> <output_dir>/ray
     reference_cpus: float = 1.0
     reference_gpus: float = 0.0
     object_store_mb: int = 256
@@ -194,8 +194,8 @@ class RayConfig:
 @dataclass
 class OnlineConfig:
     enabled: bool = False
-    mode: str = "async"                  # async | sync
-    max_staleness: int = 2               # replay-buffer max age in policy versions
+    mode: str = "async"  # async | sync
+    max_staleness: int = 2  # replay-buffer max age in policy versions
     buffer_size: int = 64
     samples_per_request: int = 4
 
@@ -208,7 +208,9 @@ class TuneConfig:
     grace_period: int = 2
     reduction_factor: int = 2
     report_every: int = 5
-    search_space: dict = field(default_factory=dict)  # "objective.beta": {"loguniform": [lo, hi]} | {"choice": [...]}
+    search_space: dict = field(
+        default_factory=dict
+    )  # "objective.beta": {"loguniform": [lo, hi]} | {"choice": [...]}
     max_concurrent: int = 1
 
 
@@ -216,22 +218,23 @@ class TuneConfig:
 class BuildConfig:
     """recipes/build_pairs.py: Pick-Style / Pick-Safety pairs sampled from the base model (model section)
     on Ray sampler actors (ray.sampler: actors, inference_steps, guidance_scale)."""
-    prompts: str | None = None           # captions: .txt .parquet .tsv .csv .json .jsonl; None: tiny ones
-    max_prompts: int | None = None       # keep the first N captions
-    preset: str = "cartoon"              # cartoon | pixel_art | safety (MaPO's style prefixes)
+
+    prompts: str | None = None  # captions: .txt .parquet .tsv .csv .json .jsonl; None: tiny ones
+    max_prompts: int | None = None  # keep the first N captions
+    preset: str = "cartoon"  # cartoon | pixel_art | safety (MaPO's style prefixes)
     # Models: a path or hub id; "tiny" builds a random one offline (CPU demos, tests).
-    llm: str | None = None               # context-prompt LLM; None: the captions are the context prompts
-    judge: str | None = None             # VLM judge; None: every pair is kept
-    backend: str = "auto"                # auto | vllm | transformers; auto: vllm if installed and on a GPU
-    device: str | None = None            # transformers backend; None -> cuda if available, else cpu
+    llm: str | None = None  # context-prompt LLM; None: the captions are the context prompts
+    judge: str | None = None  # VLM judge; None: every pair is kept
+    backend: str = "auto"  # auto | vllm | transformers; auto: vllm if installed and on a GPU
+    device: str | None = None  # transformers backend; None -> cuda if available, else cpu
     vllm_kwargs: dict = field(default_factory=dict)  # vllm.LLM options, e.g. {gpu_memory_utilization: 0.3}
-    threshold: float = 6.0               # keep pairs whose chosen image scores >= this (MaPO: above 5 of 10)
-    min_gap: float | None = None         # and beats the rejected image by at least this much
-    batch_size: int = 8                  # pairs generated and judged per round
-    images_per_request: int = 4          # prompts per sampler-actor request
-    max_context_tokens: int = 96         # LLM answer length
-    seed: int = 0                        # the per-pair generation seeds derive from it
-    out: str | None = None               # parquet path; None -> <train.output_dir>/pairs.parquet
+    threshold: float = 6.0  # keep pairs whose chosen image scores >= this (MaPO: above 5 of 10)
+    min_gap: float | None = None  # and beats the rejected image by at least this much
+    batch_size: int = 8  # pairs generated and judged per round
+    images_per_request: int = 4  # prompts per sampler-actor request
+    max_context_tokens: int = 96  # LLM answer length
+    seed: int = 0  # the per-pair generation seeds derive from it
+    out: str | None = None  # parquet path; None -> <train.output_dir>/pairs.parquet
 
 
 @dataclass
@@ -269,6 +272,7 @@ class RunConfig:
 
 
 # --------------------------------------------------------------------------- building from dicts
+
 
 def _build(cls, data: dict, path: str):
     if not isinstance(data, dict):
@@ -356,8 +360,9 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None,
-                validate_paths: bool = True) -> RunConfig:
+def load_config(
+    path: str | os.PathLike | None = None, overrides: list[str] | None = None, validate_paths: bool = True
+) -> RunConfig:
     """Reads a YAML config, applies overrides, validates. Raises ConfigError naming the field."""
     data: dict = {}
     if path is not None:
@@ -387,6 +392,7 @@ def save_config(cfg: RunConfig, path: str | os.PathLike) -> None:
 
 # --------------------------------------------------------------------------- validation
 
+
 def _choice(value, allowed, path: str) -> None:
     if value not in allowed:
         raise ConfigError(f"{path}={value!r} is not allowed; choose one of: {', '.join(map(str, allowed))}")
@@ -407,10 +413,12 @@ def _validate_scoring(cfg: RunConfig, check_paths: bool) -> None:
     if not every and not t.scorers:
         return
     if not t.scorers:
-        raise ConfigError(f"train.score_every={every} needs tracking.scorers, e.g. \"clip:/models/clip\"")
+        raise ConfigError(f'train.score_every={every} needs tracking.scorers, e.g. "clip:/models/clip"')
     if not every:
-        raise ConfigError("tracking.scorers is set but train.score_every=0; set train.score_every > 0 "
-                          "to score during training, or remove tracking.scorers")
+        raise ConfigError(
+            "tracking.scorers is set but train.score_every=0; set train.score_every > 0 "
+            "to score during training, or remove tracking.scorers"
+        )
     # Lazy: the eval package imports this module.
     from diffalign.eval.evaluate import parse_scorers, parse_seeds
     from diffalign.eval.scorers import SCORERS, resolve_path
@@ -527,7 +535,9 @@ def validate(cfg: RunConfig, check_paths: bool = True) -> None:
         if check_paths and "://" not in d.path and not Path(d.path).exists():
             raise ConfigError(f"data.path does not exist: {d.path}")
     if d.kind == "folder" and not d.prompt:
-        raise ConfigError("data.prompt (the identifier prompt, e.g. 'a photo of sks dog') is required for data.kind=folder")
+        raise ConfigError(
+            "data.prompt (the identifier prompt, e.g. 'a photo of sks dog') is required for data.kind=folder"
+        )
     if d.mismatch_probe_n < 1:
         raise ConfigError(f"data.mismatch_probe_n must be >= 1, got {d.mismatch_probe_n}")
     if d.mismatch_probe and check_paths:
@@ -570,8 +580,13 @@ def validate(cfg: RunConfig, check_paths: bool = True) -> None:
         if on.max_staleness < 0:
             raise ConfigError(f"online.max_staleness must be >= 0, got {on.max_staleness}")
     _choice(cfg.tune.mode, ("min", "max"), "tune.mode")
-    for name, least in (("num_samples", 1), ("report_every", 1), ("max_concurrent", 1), ("grace_period", 1),
-                        ("reduction_factor", 2)):  # ASHA keeps 1/reduction_factor of the trials per rung
+    for name, least in (
+        ("num_samples", 1),
+        ("report_every", 1),
+        ("max_concurrent", 1),
+        ("grace_period", 1),
+        ("reduction_factor", 2),
+    ):  # ASHA keeps 1/reduction_factor of the trials per rung
         if getattr(cfg.tune, name) < least:
             raise ConfigError(f"tune.{name} must be >= {least}, got {getattr(cfg.tune, name)}")
     _validate_build(cfg, check_paths)

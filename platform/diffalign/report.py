@@ -10,9 +10,14 @@ import tempfile
 from pathlib import Path
 
 CURVES = [
-    ("loss", "loss"), ("implicit_acc", "train implicit accuracy"), ("heldout.implicit_acc", "held-out implicit acc"),
-    ("margin_mean", "reward margin (mean)"), ("grad_norm", "grad norm (pre-clip)"), ("lr", "learning rate"),
-    ("ref.divergence", "KL(ref||init) estimate"), ("ref.version", "reference version"),
+    ("loss", "loss"),
+    ("implicit_acc", "train implicit accuracy"),
+    ("heldout.implicit_acc", "held-out implicit acc"),
+    ("margin_mean", "reward margin (mean)"),
+    ("grad_norm", "grad norm (pre-clip)"),
+    ("lr", "learning rate"),
+    ("ref.divergence", "KL(ref||init) estimate"),
+    ("ref.version", "reference version"),
     ("pairs_per_s", "throughput (pairs/s)"),
 ]
 
@@ -23,11 +28,13 @@ def _history(client, run_id: str, key: str) -> tuple[list[int], list[float]]:
 
 
 def _latest_artifact(client, run_id: str, folder: str, tmp: str) -> str | None:
-    files = sorted((a.path for a in client.list_artifacts(run_id, folder) if a.path.endswith(".png")))
+    files = sorted(a.path for a in client.list_artifacts(run_id, folder) if a.path.endswith(".png"))
     return client.download_artifacts(run_id, files[-1], tmp) if files else None
 
 
-def render_report(run_id: str, tracking_uri: str, out_png: str | Path, out_html: str | Path | None = None) -> Path:
+def render_report(
+    run_id: str, tracking_uri: str, out_png: str | Path, out_html: str | Path | None = None
+) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -40,8 +47,11 @@ def render_report(run_id: str, tracking_uri: str, out_png: str | Path, out_html:
     keys = set(run.data.metrics)
     curves = [(k, t) for k, t in CURVES if k in keys]
     # Periodic reward-model scores (diffalign.train.reward_eval), one curve per scorer.
-    curves += [(k, f"reward score: {k.split('.', 1)[1]} (fixed prompts, seeds)")
-               for k in sorted(keys) if k.startswith("score.")]
+    curves += [
+        (k, f"reward score: {k.split('.', 1)[1]} (fixed prompts, seeds)")
+        for k in sorted(keys)
+        if k.startswith("score.")
+    ]
     bins = sorted((k for k in keys if k.startswith("bins.acc_")), key=lambda k: int(k.rsplit("_", 1)[1]))
     events = [k for k in keys if k.startswith("events.")]
     with tempfile.TemporaryDirectory() as tmp:
@@ -52,8 +62,10 @@ def render_report(run_id: str, tracking_uri: str, out_png: str | Path, out_html:
         rows = (n_panels + cols - 1) // cols + (1 if grid else 0)
         fig = plt.figure(figsize=(4.2 * cols, 3.0 * rows))
         params = run.data.params
-        title = (f"run {run_id[:8]} — objective={params.get('objective.name', '?')} "
-                 f"reference={params.get('reference.strategy', '?')} model={params.get('model.family', '?')}")
+        title = (
+            f"run {run_id[:8]} — objective={params.get('objective.name', '?')} "
+            f"reference={params.get('reference.strategy', '?')} model={params.get('model.family', '?')}"
+        )
         fig.suptitle(title, fontsize=11)
         i = 0
         for key, label in curves:
@@ -80,8 +92,13 @@ def render_report(run_id: str, tracking_uri: str, out_png: str | Path, out_html:
             ax.set_axis_off()
             ax.set_title("latest sample grid (fixed prompts and seeds)", fontsize=9)
         if events:
-            fig.text(0.01, 0.01, "red dashed lines: guard events (" + ", ".join(e.split(".", 1)[1] for e in events) + ")",
-                     fontsize=8, color="red")
+            fig.text(
+                0.01,
+                0.01,
+                "red dashed lines: guard events (" + ", ".join(e.split(".", 1)[1] for e in events) + ")",
+                fontsize=8,
+                color="red",
+            )
         fig.tight_layout(rect=(0, 0.02, 1, 0.96))
         out_png = Path(out_png)
         out_png.parent.mkdir(parents=True, exist_ok=True)
@@ -89,7 +106,8 @@ def render_report(run_id: str, tracking_uri: str, out_png: str | Path, out_html:
         plt.close(fig)
         if out_html:
             rows_html = "".join(
-                f"<tr><td>{html.escape(k)}</td><td>{v:.5g}</td></tr>" for k, v in sorted(run.data.metrics.items())
+                f"<tr><td>{html.escape(k)}</td><td>{v:.5g}</td></tr>"
+                for k, v in sorted(run.data.metrics.items())
             )
             extra = f'<h2>timestep intervals</h2><img src="{Path(bins_plot).name}">' if bins_plot else ""
             if bins_plot:

@@ -60,7 +60,9 @@ class MlflowTracker:
             self.log_images(trainer, "samples/step_000000.png")
 
     def on_step(self, trainer, metrics: dict) -> None:
-        self.mlflow.log_metrics({k.replace("/", "."): float(v) for k, v in metrics.items()}, step=trainer.step)
+        self.mlflow.log_metrics(
+            {k.replace("/", "."): float(v) for k, v in metrics.items()}, step=trainer.step
+        )
         if self._img_every and trainer.step % self._img_every == 0:
             self.log_images(trainer, f"samples/step_{trainer.step:06d}.png")
             self.log_bins(trainer)

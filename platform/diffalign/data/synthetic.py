@@ -33,8 +33,16 @@ def tinted(texture: torch.Tensor, color: str, strength: float) -> torch.Tensor:
 class SyntheticPairs(Dataset):
     """Map-style dataset of {"prompt", "chosen", "rejected"} in [-1, 1]; deterministic in `seed`."""
 
-    def __init__(self, num_pairs: int = 64, resolution: int = 32, seed: int = 0, chosen_color: str = "red",
-                 rejected_color: str = "blue", shift: float = 0.6, rejected_shift: float | None = None) -> None:
+    def __init__(
+        self,
+        num_pairs: int = 64,
+        resolution: int = 32,
+        seed: int = 0,
+        chosen_color: str = "red",
+        rejected_color: str = "blue",
+        shift: float = 0.6,
+        rejected_shift: float | None = None,
+    ) -> None:
         for c in (chosen_color, rejected_color):
             if c not in COLORS:
                 raise ValueError(f"unknown colour {c!r}; choose from {sorted(COLORS)}")

@@ -1,19 +1,31 @@
-"""Model bundles, loading, conditioning, per-sample errors and LoRA."""
+"""Model bundles, loading, conditioning, per-sample errors and LoRA.
 
-from diffalign.models.bundle import FAMILIES, ModelBundle
-from diffalign.models.conditioning import Conditioning, PromptEncoder
-from diffalign.models.denoiser import Denoiser, per_sample_mse
-from diffalign.models.loading import load_bundle
-from diffalign.models.tiny import build_tiny_bundle
-from diffalign.models.weights import (
-    WeightMismatchError,
-    check_state_dict,
-    load_trainable_state_dict,
-    trainable_state_dict,
-)
+Names resolve on first use (PEP 562): importing a light submodule (conditioning, denoiser, weights),
+as the config and the reference policies do, does not pull in diffusers and transformers, which
+cost seconds in every Ray process that only unpickles a config.
+"""
 
-__all__ = [
-    "FAMILIES", "Conditioning", "Denoiser", "ModelBundle", "PromptEncoder", "WeightMismatchError",
-    "build_tiny_bundle", "check_state_dict", "load_bundle", "load_trainable_state_dict",
-    "per_sample_mse", "trainable_state_dict",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_WHERE = {
+    "FAMILIES": "bundle", "ModelBundle": "bundle",
+    "Conditioning": "conditioning", "PromptEncoder": "conditioning",
+    "Denoiser": "denoiser", "per_sample_mse": "denoiser",
+    "load_bundle": "loading",
+    "build_tiny_bundle": "tiny",
+    "WeightMismatchError": "weights", "check_state_dict": "weights",
+    "load_trainable_state_dict": "weights", "trainable_state_dict": "weights",
+}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module 'diffalign.models' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"diffalign.models.{_WHERE[name]}"), name)
+    globals()[name] = value
+    return value

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from diffalign.models.bundle import ModelBundle
+if TYPE_CHECKING:  # the bundle module imports diffusers; conditioning itself needs only torch
+    from diffalign.models.bundle import ModelBundle
 
 
 @dataclass

@@ -27,7 +27,9 @@ def trainable_state_dict(module: torch.nn.Module, lora_only: bool | None = None)
     }
 
 
-def check_state_dict(module: torch.nn.Module, state: dict[str, torch.Tensor], lora_only: bool | None = None) -> None:
+def check_state_dict(
+    module: torch.nn.Module, state: dict[str, torch.Tensor], lora_only: bool | None = None
+) -> None:
     """Raises WeightMismatchError naming every missing, unexpected and mis-shaped key."""
     expected = {
         name: p.shape

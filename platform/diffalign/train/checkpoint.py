@@ -43,7 +43,9 @@ def save_checkpoint(directory: str | Path, step: int, weights: dict[str, torch.T
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp / "weights.safetensors"))
+    save_file(
+        {k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp / "weights.safetensors")
+    )
     torch.save(state, tmp / "state.pt")
     if final.exists():
         shutil.rmtree(final)
@@ -58,7 +60,7 @@ def list_checkpoints(directory: str | Path) -> list[Path]:
     if not directory.exists():
         return []
     found = [p for p in directory.iterdir() if p.is_dir() and p.name.startswith(PREFIX)]
-    return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
+    return sorted(found, key=lambda p: int(p.name[len(PREFIX) :]))
 
 
 def latest_checkpoint(directory: str | Path) -> Path | None:

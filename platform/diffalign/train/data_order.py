@@ -7,7 +7,9 @@ import torch
 
 
 class BatchOrder:
-    def __init__(self, num_items: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(
+        self, num_items: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1
+    ) -> None:
         if num_items < 1:
             raise ValueError("the training dataset is empty")
         self.n, self.bsz, self.seed = num_items, batch_size, seed

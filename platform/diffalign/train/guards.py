@@ -54,7 +54,9 @@ class StabilityGuard:
                 return ROLLBACK
             return SKIP
         if self.is_spike(loss):
-            self.last_reason = f"loss spike {loss:.4g} > {self.spike_sigmas} sigma of the last {len(self.history)}"
+            self.last_reason = (
+                f"loss spike {loss:.4g} > {self.spike_sigmas} sigma of the last {len(self.history)}"
+            )
             return ROLLBACK
         self.consecutive_bad = 0
         self.history.append(loss)
@@ -65,8 +67,12 @@ class StabilityGuard:
         self.consecutive_bad = 0
 
     def state_dict(self) -> dict:
-        return {"history": list(self.history), "consecutive_bad": self.consecutive_bad,
-                "skipped": self.skipped, "rollbacks": self.rollbacks}
+        return {
+            "history": list(self.history),
+            "consecutive_bad": self.consecutive_bad,
+            "skipped": self.skipped,
+            "rollbacks": self.rollbacks,
+        }
 
     def load_state_dict(self, state: dict, keep_counters: bool = False) -> None:
         self.history.clear()

@@ -51,7 +51,9 @@ class HeldoutEvaluator:
                 for noise, t in draws:
                     latents = torch.cat([batch.chosen, batch.rejected])
                     t2 = t.repeat(2)
-                    noisy, target = self.setup.denoiser.noisy_and_target(latents, noise.repeat(2, 1, 1, 1), t2)
+                    noisy, target = self.setup.denoiser.noisy_and_target(
+                        latents, noise.repeat(2, 1, 1, 1), t2
+                    )
                     err = self.setup.denoiser.errors(unet, noisy, t2, batch.cond.repeat(2), target)
                     w, l_ = err.chunk(2)
                     ew, el = ew + w, el + l_

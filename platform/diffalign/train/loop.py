@@ -19,7 +19,13 @@ from diffalign.config import RunConfig
 from diffalign.data.collate import collate_pairs
 from diffalign.models.weights import load_trainable_state_dict, trainable_state_dict
 from diffalign.train.cache import CachedPairs, prefill_prompt_cache
-from diffalign.train.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from diffalign.train.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from diffalign.train.data_order import BatchOrder
 from diffalign.train.diagnostics import TimestepBins
 from diffalign.train.engine import TorchEngine, build_optimizer
@@ -50,7 +56,9 @@ class Trainer:
         # Bad-input account of the readers (ties, unreadable images, ...), for the run record.
         self.data_issues = getattr(train_data, "issues", None)
         if cfg.data.cache_latents and not cfg.online.enabled and "chosen" in train_data[0]:
-            train_data = CachedPairs(train_data, self.setup.latent_encoder, progress=self.is_main and cfg.train.progress)
+            train_data = CachedPairs(
+                train_data, self.setup.latent_encoder, progress=self.is_main and cfg.train.progress
+            )
         prefill_prompt_cache(self.setup.prompt_encoder, train_data)
         self.train_data = train_data
         self.callbacks = list(callbacks or [])
@@ -59,17 +67,23 @@ class Trainer:
         self.hooks = hooks
         params = [p for g in self.setup.param_groups for p in g["params"]]
         self.engine = engine or TorchEngine(
-            self.setup.bundle.unet, params, build_optimizer(self.setup.param_groups, cfg.optim), cfg.optim,
+            self.setup.bundle.unet,
+            params,
+            build_optimizer(self.setup.param_groups, cfg.optim),
+            cfg.optim,
             cfg.train.max_steps,
         )
         g = cfg.guard
-        self.guard = StabilityGuard(g.max_bad_steps, g.spike_sigmas, g.spike_window, g.spike_min_history, g.enabled)
+        self.guard = StabilityGuard(
+            g.max_bad_steps, g.spike_sigmas, g.spike_window, g.spike_min_history, g.enabled
+        )
         self.bins = TimestepBins(self.setup.bundle.num_train_timesteps)
         self.order = BatchOrder(len(train_data), cfg.optim.batch_size, cfg.train.seed, rank, world_size)
         self.generator = torch.Generator().manual_seed(cfg.train.seed * 1000 + rank)
         self.heldout = (
             HeldoutEvaluator(self.setup, heldout_data, device=self.device)
-            if heldout_data is not None and self.is_main and cfg.train.eval_every > 0 else None
+            if heldout_data is not None and self.is_main and cfg.train.eval_every > 0
+            else None
         )
         self.checkpoint_dir = Path(checkpoint_dir or Path(cfg.train.output_dir) / "checkpoints")
         self.step = 0
@@ -93,20 +107,32 @@ class Trainer:
     def load_trainable_weights(self, weights: dict[str, torch.Tensor]) -> None:
         for i, module in enumerate(self.setup.trainable_modules):
             prefix = "" if i == 0 else f"text_encoder_{i}."
-            part = {k[len(prefix):]: v for k, v in weights.items()
-                    if (k.startswith(prefix) if prefix else not k.startswith("text_encoder_"))}
+            part = {
+                k[len(prefix) :]: v
+                for k, v in weights.items()
+                if (k.startswith(prefix) if prefix else not k.startswith("text_encoder_"))
+            }
             load_trainable_state_dict(module, part)
 
     def state(self) -> dict:
         return {
-            "step": self.step, "engine": self.engine.state_dict(), "rng": rng_state(self.generator),
-            "reference": self.setup.reference.state_dict(), "guard": self.guard.state_dict(),
-            "ema": self.ema, "events": self.events,
+            "step": self.step,
+            "engine": self.engine.state_dict(),
+            "rng": rng_state(self.generator),
+            "reference": self.setup.reference.state_dict(),
+            "guard": self.guard.state_dict(),
+            "ema": self.ema,
+            "events": self.events,
         }
 
     def save(self, directory: str | Path | None = None) -> Path:
-        path = save_checkpoint(directory or self.checkpoint_dir, self.step, self.trainable_weights(), self.state(),
-                               keep=self.cfg.train.keep_checkpoints)
+        path = save_checkpoint(
+            directory or self.checkpoint_dir,
+            self.step,
+            self.trainable_weights(),
+            self.state(),
+            keep=self.cfg.train.keep_checkpoints,
+        )
         for cb in self.callbacks:
             getattr(cb, "on_checkpoint", lambda *a: None)(self, path)
         return path
@@ -169,9 +195,17 @@ class Trainer:
         ref_metrics = self.setup.reference.on_step(self.step, probe)
         dt = time.perf_counter() - t0
         pairs = cfg.optim.batch_size * accum * self.world_size
-        metrics = {"loss": loss_sum, **metrics_acc, **ref_metrics, "grad_norm": grad_norm, "lr": self.engine.lr(),
-                   "pairs_per_s": pairs / dt, "step_time_s": dt, "guard/skipped_steps": float(self.guard.skipped),
-                   "guard/rollbacks": float(self.guard.rollbacks)}
+        metrics = {
+            "loss": loss_sum,
+            **metrics_acc,
+            **ref_metrics,
+            "grad_norm": grad_norm,
+            "lr": self.engine.lr(),
+            "pairs_per_s": pairs / dt,
+            "step_time_s": dt,
+            "guard/skipped_steps": float(self.guard.skipped),
+            "guard/rollbacks": float(self.guard.rollbacks),
+        }
         return metrics
 
     def _update_ema(self) -> None:
@@ -186,11 +220,15 @@ class Trainer:
         event = {"step": self.step, "kind": verdict, "reason": self.guard.last_reason}
         if verdict == ROLLBACK:
             if self.guard.rollbacks >= self.cfg.guard.max_rollbacks:
-                raise TrainingDiverged(f"step {self.step}: {self.guard.last_reason}; "
-                                       f"{self.guard.rollbacks} rollbacks already, giving up")
+                raise TrainingDiverged(
+                    f"step {self.step}: {self.guard.last_reason}; "
+                    f"{self.guard.rollbacks} rollbacks already, giving up"
+                )
             ckpt = latest_checkpoint(self.checkpoint_dir)
             if ckpt is None:
-                raise TrainingDiverged(f"step {self.step}: {self.guard.last_reason} and no checkpoint to roll back to")
+                raise TrainingDiverged(
+                    f"step {self.step}: {self.guard.last_reason} and no checkpoint to roll back to"
+                )
             new_factor = self.engine.lr_factor * self.cfg.guard.lr_factor
             self.engine.lr_factor = new_factor
             self.restore(ckpt, rollback=True)
@@ -228,8 +266,13 @@ class Trainer:
             self.save()  # a rollback target exists from the start
         for cb in self.callbacks:
             getattr(cb, "on_start", lambda *a: None)(self)
-        bar = tqdm(total=cfg.train.max_steps, initial=self.step, desc=f"{cfg.objective.name}",
-                   disable=not (self.is_main and cfg.train.progress), dynamic_ncols=True)
+        bar = tqdm(
+            total=cfg.train.max_steps,
+            initial=self.step,
+            desc=f"{cfg.objective.name}",
+            disable=not (self.is_main and cfg.train.progress),
+            dynamic_ncols=True,
+        )
         while self.step < cfg.train.max_steps:
             before = self.step
             metrics = self.train_step()
@@ -240,19 +283,25 @@ class Trainer:
             bar.update(self.step - before)
             if self.step % cfg.train.log_every == 0 or self.step == cfg.train.max_steps:
                 metrics.update(self.bins.metrics())
-            if self.heldout is not None and (self.step % cfg.train.eval_every == 0 or self.step == cfg.train.max_steps):
+            if self.heldout is not None and (
+                self.step % cfg.train.eval_every == 0 or self.step == cfg.train.max_steps
+            ):
                 metrics.update(self.evaluate())
             self.last_metrics = metrics
             for cb in self.callbacks:
                 getattr(cb, "on_step", lambda *a: None)(self, metrics)
             # After the callbacks: they may add metrics worth watching (reward scores).
-            bar.set_postfix({k: f"{v:.3g}" for k, v in metrics.items()
-                             if k in PROGRESS_KEYS or k.startswith("score/")})
+            bar.set_postfix(
+                {k: f"{v:.3g}" for k, v in metrics.items() if k in PROGRESS_KEYS or k.startswith("score/")}
+            )
             if self.is_main and self.step % cfg.train.checkpoint_every == 0:
                 self.save()
         bar.close()
-        if self.is_main and (ckpt := latest_checkpoint(self.checkpoint_dir)) is not None and \
-                ckpt.name != f"checkpoint-{self.step}":
+        if (
+            self.is_main
+            and (ckpt := latest_checkpoint(self.checkpoint_dir)) is not None
+            and ckpt.name != f"checkpoint-{self.step}"
+        ):
             self.save()
         summary = dict(self.last_metrics)
         if self.heldout is not None and not any(k.startswith("heldout/") for k in summary):

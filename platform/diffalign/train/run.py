@@ -28,7 +28,9 @@ def save_final_weights(trainer: Trainer, out_dir: Path) -> Path:
     return out_dir / "unet"
 
 
-def run_offline(cfg: RunConfig, callbacks: list | None = None, device: str | None = None, **trainer_kw) -> dict:
+def run_offline(
+    cfg: RunConfig, callbacks: list | None = None, device: str | None = None, **trainer_kw
+) -> dict:
     out_dir = Path(cfg.train.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out_dir / "config.yaml")

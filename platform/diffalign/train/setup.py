@@ -28,7 +28,9 @@ def build_bundle(cfg: RunConfig) -> ModelBundle:
     if m.pretrained is None:
         return build_tiny_bundle(m.family, seed=m.tiny_seed, resolution=m.resolution)
     frozen = DTYPES[m.mixed_precision] or torch.float32
-    return load_bundle(m.pretrained, family=m.family, resolution=m.resolution, vae_path=m.vae, frozen_dtype=frozen)
+    return load_bundle(
+        m.pretrained, family=m.family, resolution=m.resolution, vae_path=m.vae, frozen_dtype=frozen
+    )
 
 
 def prepare_policy(bundle: ModelBundle, cfg: RunConfig) -> list[dict]:
@@ -46,7 +48,9 @@ def prepare_policy(bundle: ModelBundle, cfg: RunConfig) -> list[dict]:
     if m.train_text_encoder:
         for enc in bundle.text_encoders:
             add_lora(enc, m.lora_rank, m.lora_alpha, targets=TEXT_TARGETS)
-            groups.append({"params": [p for p in enc.parameters() if p.requires_grad], "lr": o.text_encoder_lr})
+            groups.append(
+                {"params": [p for p in enc.parameters() if p.requires_grad], "lr": o.text_encoder_lr}
+            )
     return groups
 
 
@@ -72,8 +76,9 @@ class Setup:
         return mods
 
 
-def build_setup(cfg: RunConfig, device: torch.device | str = "cpu", bundle: ModelBundle | None = None,
-                reference=None) -> Setup:
+def build_setup(
+    cfg: RunConfig, device: torch.device | str = "cpu", bundle: ModelBundle | None = None, reference=None
+) -> Setup:
     """`reference` may be passed in (e.g. a Ray ReferenceActor client); else built colocated."""
     bundle = bundle or build_bundle(cfg)
     groups = prepare_policy(bundle, cfg)
@@ -83,14 +88,27 @@ def build_setup(cfg: RunConfig, device: torch.device | str = "cpu", bundle: Mode
     objective = build_objective(cfg.objective.name, **cfg.objective.params())
     if reference is None:
         r = cfg.reference
-        reference = build_reference(r.strategy, bundle.unet, denoiser, tau=r.tau, delta=r.delta,
-                                    on_exceed=r.on_exceed,
-                                    dtype=resolve_reference_dtype(r.dtype, cfg.model.mixed_precision, device))
+        reference = build_reference(
+            r.strategy,
+            bundle.unet,
+            denoiser,
+            tau=r.tau,
+            delta=r.delta,
+            on_exceed=r.on_exceed,
+            dtype=resolve_reference_dtype(r.dtype, cfg.model.mixed_precision, device),
+        )
     t = cfg.timesteps
     sampler = build_timestep_sampler(t.sampler, bundle.num_train_timesteps, t.timestep_gamma, t.num_bins)
     scale = reward_scale(t.reward_scale, bundle.noise_scheduler.alphas_cumprod)
-    step = PreferenceStep(denoiser, objective, reference, sampler, scale, cfg.reference.divergence_samples,
-                          autocast_dtype=DTYPES[cfg.model.mixed_precision])
+    step = PreferenceStep(
+        denoiser,
+        objective,
+        reference,
+        sampler,
+        scale,
+        cfg.reference.divergence_samples,
+        autocast_dtype=DTYPES[cfg.model.mixed_precision],
+    )
     cache_text = cfg.data.cache_prompt_embeds and not cfg.model.train_text_encoder
     prompt_encoder = CachedPromptEncoder(bundle) if cache_text else PromptEncoder(bundle)
     return Setup(cfg, bundle, groups, denoiser, step, prompt_encoder, LatentEncoder(bundle))
