@@ -61,8 +61,13 @@ def test_ray_job_submit_personalize_recipe(ray_head, tmp_path):
     cmd = [ray_cli, "job", "submit", "--address", address, "--", "python", "recipes/mapo_personalize.py",
            "--config", "configs/tiny/mapo_personalize.yaml", "--set", f"train.output_dir={out}",
            "--set", "train.max_steps=4", "--set", "train.progress=false"]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    log = proc.stdout + proc.stderr
+    for _ in range(12):
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        log = proc.stdout + proc.stderr
+        # `ray start` returns before the node's dashboard agent accepts jobs; nothing was submitted.
+        if "No available agent to submit job" not in log:
+            break
+        time.sleep(5)
     assert proc.returncode == 0 and "succeeded" in log, log[-4000:]
 
     # Checkpoints, LoRA weights, the held-out grid and the MLflow record were written by the job.
