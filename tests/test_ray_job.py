@@ -30,6 +30,11 @@ def ray_head(tmp_path):
     if ray_cli is None:
         pytest.skip("the ray CLI is not installed")
     gcs, dash = _free_port(), _free_port()
+    # Every fixed default port too: the test session's own cluster (ray_local) holds the defaults, and
+    # a dashboard agent that cannot bind its port never accepts the job.
+    ports = [f"--{name}={_free_port()}" for name in (
+        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
+        "runtime-env-agent-port", "ray-client-server-port", "node-manager-port", "object-manager-port")]
     # The job's `python` is the one on the cluster's PATH: this environment's, as for an activated venv.
     path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "OMP_NUM_THREADS": "1", "PATH": path}
@@ -37,7 +42,7 @@ def ray_head(tmp_path):
     proc = subprocess.Popen(
         [ray_cli, "start", "--head", f"--port={gcs}", f"--dashboard-port={dash}", "--num-cpus=2",
          "--include-dashboard=true", "--dashboard-host=127.0.0.1", "--disable-usage-stats",
-         "--object-store-memory=200000000"],
+         "--object-store-memory=200000000", *ports],
         cwd=ROOT, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         text=True)
     out, _ = proc.communicate(timeout=180)
