@@ -31,26 +31,10 @@ from diffalign.build import (
     parse_score,
     strip_style_words,
 )
+from diffalign.build.tiny import TINY_TEXT, WORDS, save_tiny_vlm, word_tokenizer
 from PIL import Image
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
-
-LM_WORDS = (
-    "a the cat dog fox red blue green image of in on with under moon city street garden warrior "
-    "prompt context realistic style art painting 1 2 3 4 5 6 7 8 9 10 score"
-).split()
-
-
-def _word_tokenizer(special: list[str], words: list[str], **kwargs):
-    """A word-level fast tokenizer built offline (no hub download); special tokens stay unsplit."""
-    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {w: i for i, w in enumerate(special + words)}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.add_special_tokens([AddedToken(s, special=True) for s in special])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", **kwargs), vocab
 
 
 @pytest.fixture(scope="module")
@@ -59,26 +43,14 @@ def tiny_lm(tmp_path_factory: pytest.TempPathFactory) -> str:
 
     path = tmp_path_factory.mktemp("tiny_lm")
     special = ["<pad>", "<unk>", "<s>", "</s>", "<|user|>", "<|assistant|>"]
-    tokenizer, vocab = _word_tokenizer(
-        special, LM_WORDS, bos_token="<s>", eos_token="</s>", pad_token="<pad>"
-    )
+    tokenizer, vocab = word_tokenizer(special, WORDS, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
     tokenizer.chat_template = (
         "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} {% endfor %}"
         "{% if add_generation_prompt %}<|assistant|>{% endif %}"
     )
     tokenizer.save_pretrained(path)
-    config = LlamaConfig(
-        vocab_size=len(vocab),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=2048,
-        bos_token_id=vocab["<s>"],
-        eos_token_id=vocab["</s>"],
-        pad_token_id=vocab["<pad>"],
-    )
+    config = LlamaConfig(vocab_size=len(vocab), bos_token_id=vocab["<s>"], eos_token_id=vocab["</s>"],
+                         pad_token_id=vocab["<pad>"], **TINY_TEXT)
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(path)
     return str(path)
@@ -86,55 +58,7 @@ def tiny_lm(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 @pytest.fixture(scope="module")
 def tiny_vlm(tmp_path_factory: pytest.TempPathFactory) -> str:
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
-    path = tmp_path_factory.mktemp("tiny_vlm")
-    special = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>"]
-    special += ["<|image_pad|>", "<|video_pad|>"]
-    tokenizer, vocab = _word_tokenizer(special, LM_WORDS + ["user", "assistant"], eos_token="<|im_end|>")
-    tokenizer.pad_token = "<pad>"
-    tokenizer.chat_template = (
-        "{% for m in messages %}<|im_start|>{{ m['role'] }} {% if m['content'] is string %}{{ m['content'] }}"
-        "{% else %}{% for c in m['content'] %}{% if c['type'] == 'image' %}"
-        "<|vision_start|><|image_pad|><|vision_end|>{% else %}{{ c['text'] }}{% endif %}{% endfor %}"
-        "{% endif %}<|im_end|>{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant {% endif %}"
-    )
-    tokenizer.save_pretrained(path)
-    # 4 merged patches per image keeps the vision tower trivial.
-    Qwen2VLImageProcessorPil(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 4).save_pretrained(path)
-    config = Qwen2VLConfig(
-        text_config={
-            "vocab_size": len(vocab),
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 1,
-            "num_attention_heads": 2,
-            "num_key_value_heads": 2,
-            "max_position_embeddings": 2048,
-            "rope_parameters": {"rope_type": "default", "mrope_section": [2, 2, 4], "rope_theta": 10000.0},
-            "bos_token_id": None,
-            "eos_token_id": vocab["<|im_end|>"],
-            "pad_token_id": vocab["<pad>"],
-        },
-        vision_config={
-            "depth": 1,
-            "embed_dim": 32,
-            "hidden_size": 32,
-            "num_heads": 2,
-            "mlp_ratio": 2,
-            "patch_size": 14,
-            "spatial_merge_size": 2,
-            "temporal_patch_size": 2,
-        },
-        image_token_id=vocab["<|image_pad|>"],
-        video_token_id=vocab["<|video_pad|>"],
-        vision_start_token_id=vocab["<|vision_start|>"],
-        vision_end_token_id=vocab["<|vision_end|>"],
-    )
-    torch.manual_seed(0)
-    Qwen2VLForConditionalGeneration(config).save_pretrained(path)
-    return str(path)
+    return str(save_tiny_vlm(tmp_path_factory.mktemp("tiny_vlm")))
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ TINY_TEXT = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
              "num_key_value_heads": 2, "max_position_embeddings": 2048}
 
 
-def _word_tokenizer(special: list[str], words: list[str], **kwargs):
+def word_tokenizer(special: list[str], words: list[str], **kwargs):
     """A word-level fast tokenizer (no download); special tokens stay unsplit."""
     from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
@@ -44,7 +44,7 @@ def save_tiny_lm(path: str | os.PathLike[str], seed: int = 0) -> Path:
 
     out = Path(path)
     special = ["</s>", "<pad>", "<unk>", "<s>", "<|user|>", "<|assistant|>"]
-    tokenizer, vocab = _word_tokenizer(special, WORDS, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    tokenizer, vocab = word_tokenizer(special, WORDS, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
     tokenizer.chat_template = (
         "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} {% endfor %}"
         "{% if add_generation_prompt %}<|assistant|>{% endif %}"
@@ -69,7 +69,7 @@ def save_tiny_vlm(path: str | os.PathLike[str], seed: int = 0) -> Path:
     out = Path(path)
     special = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                "<|image_pad|>", "<|video_pad|>"]
-    tokenizer, vocab = _word_tokenizer(special, WORDS + ["user", "assistant"], eos_token="<|im_end|>")
+    tokenizer, vocab = word_tokenizer(special, WORDS + ["user", "assistant"], eos_token="<|im_end|>")
     tokenizer.pad_token = "<pad>"
     tokenizer.chat_template = (
         "{% for m in messages %}<|im_start|>{{ m['role'] }} {% if m['content'] is string %}{{ m['content'] }}"
