@@ -277,12 +277,15 @@ def train_loop_per_worker(config: dict) -> None:
                "step": trainer.step, "world_size": world_size, "backend": cfg.ray.backend,
                "rank_fingerprints": fingerprints, "ranks_in_sync": len(set(fingerprints)) == 1,
                "optimizer_steps": optimizer_step_count(engine), "weights": None}
-        if config.get("save_weights", True) and not cfg.tracking.mlflow:
-            # With MLflow on, the tracker saves (and logs) them; after the fingerprints, so an EMA
-            # swap cannot show up as ranks out of sync.
+        if config.get("save_weights", True) or cfg.tracking.mlflow:
+            # After the fingerprints, so loading EMA weights for the save cannot look like ranks out
+            # of sync. The MLflow callback logs them and closes its run.
             from diffalign.train.run import save_final_weights
 
-            out["weights"] = str(save_final_weights(trainer, Path(cfg.train.output_dir)))
+            weights = save_final_weights(trainer, Path(cfg.train.output_dir))
+            out["weights"] = str(weights)
+            for cb in callbacks:
+                getattr(cb, "on_weights_saved", lambda *a: None)(trainer, weights)
         path = Path(cfg.train.output_dir) / FINAL_JSON
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(out, indent=2))
@@ -308,22 +311,23 @@ LOCAL_PATH_FIELDS = (("data", "path"), ("data", "mismatch_probe"), ("model", "pr
                      ("tracking", "score_prompts"), ("ray", "storage_path"))
 
 
+def _absolute_if_local(value: str) -> str:
+    return os.path.abspath(value) if not os.path.isabs(value) and os.path.exists(value) else value
+
+
 def absolute_local_paths(cfg: RunConfig) -> None:
     """Ray workers run in their own working directory: relative local paths become absolute here."""
     for section, name in LOCAL_PATH_FIELDS:
         part = getattr(cfg, section)
-        value = getattr(part, name, None)
-        if isinstance(value, str) and value and not os.path.isabs(value) and os.path.exists(value):
-            setattr(part, name, os.path.abspath(value))
-    scorers = getattr(cfg.tracking, "scorers", None)
-    if scorers:  # "name:path,...": only the path part
-        specs = []
-        for spec in scorers.split(","):
-            name, sep, path = spec.partition(":")
-            if sep and path and not os.path.isabs(path) and os.path.exists(path):
-                path = os.path.abspath(path)
-            specs.append(f"{name}{sep}{path}")
-        cfg.tracking.scorers = ",".join(specs)
+        value = getattr(part, name)
+        if isinstance(value, str) and value:
+            setattr(part, name, _absolute_if_local(value))
+    if cfg.tracking.scorers:  # "name:path,...": only the path parts
+        from diffalign.eval.evaluate import parse_scorers
+
+        specs = parse_scorers(cfg.tracking.scorers)
+        cfg.tracking.scorers = ",".join(name if path is None else f"{name}:{_absolute_if_local(path)}"
+                                        for name, path in specs.items())
 
 
 def ensure_ray(cfg: RunConfig) -> None:

@@ -59,20 +59,13 @@ class Rank0Mlflow:
         self.tracker.on_event(trainer, event)
 
     def on_end(self, trainer, summary: dict) -> None:
-        from diffalign.train.run import save_final_weights
-
         self.tracker.on_end(trainer, summary)
-        # save_final_weights loads the EMA weights into the model; put the trained ones back so
-        # rank 0's end-of-run fingerprint still matches the other ranks.
-        trained = {k: v.detach().clone() for k, v in trainer.trainable_weights().items()} \
-            if trainer.ema is not None else None
-        weights = save_final_weights(trainer, Path(self.cfg.train.output_dir))
-        if trained is not None:
-            trainer.load_trainable_weights(trained)
+
+    def on_weights_saved(self, trainer, weights: Path) -> None:
+        """After the learner saved the final weights (`save_final_weights`): log them, close the run."""
         self.tracker.log_artifacts(weights, f"weights/{weights.name}")
         self.tracker.close("FINISHED")
-        record = {"run_id": self.tracker.run_id, "status": "FINISHED", "weights": str(weights)}
-        write_record(self.cfg, record)
+        write_record(self.cfg, {"run_id": self.tracker.run_id, "status": "FINISHED", "weights": str(weights)})
 
 
 class WithMlflow:

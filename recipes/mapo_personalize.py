@@ -25,17 +25,13 @@ class HeldoutGrid:
     """Trainer callback: the final policy on held-out prompts, rendered before the samplers shut down;
     saved next to the weights and logged to the run's MLflow record."""
 
-    def __init__(self, subject_prompt: str, out_dir: str, steps: int) -> None:
-        self.subject_prompt, self.out_dir, self.steps = subject_prompt, Path(out_dir), steps
+    def __init__(self, subject_prompt: str, out_dir: str) -> None:
+        self.subject_prompt, self.out_dir = subject_prompt, Path(out_dir)
 
     def on_end(self, trainer, summary: dict) -> None:
-        from diffalign.train.reward_eval import attached_tracker
-        from diffalign.train.sampling import generate, image_grid
+        from diffalign.tracking import attached_tracker
 
-        bundle = trainer.setup.bundle
-        prompts = [p.format(self.subject_prompt) for p in HELDOUT]
-        images = generate(bundle, bundle.unet, prompts, list(range(len(prompts))), steps=self.steps)
-        grid = image_grid(images, scale=max(1, 128 // bundle.resolution))
+        grid = trainer.sample_images([p.format(self.subject_prompt) for p in HELDOUT])
         self.out_dir.mkdir(parents=True, exist_ok=True)
         grid.save(self.out_dir / "heldout_grid.png")
         if (tracker := attached_tracker(trainer)) is not None:
@@ -54,7 +50,7 @@ class GridOnRankZero:
 
 def main() -> None:
     args, cfg = parse_args(__doc__.splitlines()[0], "configs/tiny/mapo_personalize.yaml")
-    grid = HeldoutGrid(cfg.data.prompt, cfg.train.output_dir, cfg.tracking.sample_steps)
+    grid = HeldoutGrid(cfg.data.prompt, cfg.train.output_dir)
     if cfg.ray.enabled:
         from diffalign.actors.learner import train_with_ray
 

@@ -101,3 +101,13 @@ class MlflowTracker:
 
     def close(self, status: str = "FINISHED") -> None:
         self.mlflow.end_run(status=status)
+
+
+def attached_tracker(trainer) -> MlflowTracker | None:
+    """The MLflow tracker among the trainer's callbacks, or held by one (the Ray learner's rank-0
+    callback opens its tracker in its own on_start)."""
+    for cb in trainer.callbacks:
+        tracker = cb if isinstance(cb, MlflowTracker) else getattr(cb, "tracker", None)
+        if isinstance(tracker, MlflowTracker):
+            return tracker
+    return None

@@ -39,22 +39,12 @@ from diffalign.eval.evaluate import (
     parse_seeds,
 )
 from diffalign.eval.scorers import Scorer
-from diffalign.tracking import MlflowTracker
+from diffalign.tracking import attached_tracker
 from diffalign.train.sampling import image_grid
 from diffalign.train.setup import DTYPES
 
 log = logging.getLogger(__name__)
 GENERATE_BATCH = 8
-
-
-def attached_tracker(trainer) -> MlflowTracker | None:
-    """The MLflow tracker among the trainer's callbacks, or held by one (the Ray learner's rank-0
-    callback opens its tracker in its own on_start)."""
-    for cb in trainer.callbacks:
-        tracker = cb if isinstance(cb, MlflowTracker) else getattr(cb, "tracker", None)
-        if isinstance(tracker, MlflowTracker):
-            return tracker
-    return None
 
 
 class RewardEvaluator:
