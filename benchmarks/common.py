@@ -75,6 +75,18 @@ SDXL_UNET = dict(
     norm_num_groups=32,
 )
 
+# Real SD1.5 / SDXL VAE config (the two share the architecture; only scaling_factor differs), random init.
+SD_VAE = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(128, 256, 512, 512),
+    layers_per_block=2,
+    latent_channels=4,
+    norm_num_groups=32,
+)
+
 # Conditioning shapes: (tokens, hidden size, pooled size or None).
 TEXT_SHAPES = {"tiny": (16, 32, None), "sd15": (77, 768, None), "sdxl": (77, 2048, 1280)}
 FAMILY = {"tiny": "sd15", "sd15": "sd15", "sdxl": "sdxl"}
@@ -604,11 +616,11 @@ def fmt(x, digits: int = 1) -> str:
     return str(x)
 
 
-def markdown_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
-    """`columns`: (key, header) pairs; missing values print as an em dash."""
-    head = "| " + " | ".join(h for _, h in columns) + " |"
+def markdown_table(rows: list[dict], columns: list[tuple]) -> str:
+    """`columns`: (key, header) or (key, header, digits) tuples; missing values print as an em dash."""
+    head = "| " + " | ".join(c[1] for c in columns) + " |"
     sep = "|" + "|".join("---" for _ in columns) + "|"
-    body = ["| " + " | ".join(fmt(r.get(k)) for k, _ in columns) + " |" for r in rows]
+    body = ["| " + " | ".join(fmt(r.get(c[0]), *c[2:]) for c in columns) + " |" for r in rows]
     return "\n".join([head, sep, *body])
 
 
