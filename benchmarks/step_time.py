@@ -54,7 +54,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="torch.compile the whole UNet (--compile) or each block (--compile blocks)")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--fused-adam", nargs="?", const="on", default="auto", choices=["auto", "on", "off"],
-                   help="auto: diffalign as the Trainer does (fused on CUDA), baseline as diffusers does "
+                   help="auto: diffalign as the Trainer does (fused on CUDA and CPU), baseline as diffusers does "
                         "(torch default); on/off: both the same")
     p.add_argument("--finetune", choices=["full", "lora"], default="full")
     p.add_argument("--reference-dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
@@ -90,7 +90,7 @@ def choose_variants(args) -> tuple[list[str], dict[str, str]]:
     skipped: dict[str, str] = {}
     if "dpo_bf16ref" in names and args.dtype != "bf16" and not args.variants:
         names.remove("dpo_bf16ref")
-    fused_differs = args.device == "cuda" and args.fused_adam == "auto"
+    fused_differs = args.fused_adam == "auto"
     if "baseline_fused" in names and not fused_differs and not args.variants:
         names.remove("baseline_fused")  # only differs from the baseline row where our default is fused
     if "dpo_actor" in names and args.model != "tiny":

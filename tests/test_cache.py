@@ -83,3 +83,19 @@ def test_trained_text_encoder_is_encoded_every_step_with_gradients(tiny_cfg):
     grads = [p.grad for p in trainer.setup.bundle.text_encoders[0].parameters() if p.requires_grad]
     assert grads and all(g is not None for g in grads)
     assert any(float(g.abs().sum()) > 0 for g in grads)
+
+
+def test_heldout_eval_encodes_prompts_with_the_trained_text_encoder(tiny_cfg):
+    """Held-out errors follow the text encoder's current weights, not the embeddings of step 0."""
+    cfg = tiny_cfg("model.finetune=lora", "model.train_text_encoder=true", "objective.name=mapo",
+                   "reference.strategy=none", "train.eval_every=1")
+    trainer = Trainer(cfg)
+    before = trainer.heldout.evaluate()
+    assert before["heldout/margin_mean"] == 0.0
+    lora = [p for n, p in trainer.setup.bundle.text_encoders[0].named_parameters() if "lora_B" in n]
+    assert lora
+    with torch.no_grad():
+        for p in lora:
+            p.add_(0.5)  # the UNet is untouched: only the conditioning changes
+    after = trainer.heldout.evaluate()
+    assert abs(after["heldout/mse_w"] - before["heldout/mse_w"]) > 1e-6

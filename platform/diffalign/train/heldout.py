@@ -36,8 +36,15 @@ class HeldoutEvaluator:
                 t = torch.randint(lo, hi, (bsz,), generator=gen)
                 noise = torch.randn(batch.chosen.shape, generator=gen)
                 draws.append((noise.to(device), t.to(device)))
-            self.batches.append((batch, draws))
+            cond_args = (list(raw["prompts"]), raw.get("original_sizes"), raw.get("crop_top_lefts"))
+            self.batches.append((batch, draws, cond_args))
         self.init_errors = self._errors()
+
+    def _cond(self, batch, cond_args):
+        # A trained text encoder changes the conditioning every step: encode with its current weights.
+        if not getattr(self.setup.prompt_encoder, "trainable", False):
+            return batch.cond
+        return self.setup.prompt_encoder(*cond_args).to(self.device)
 
     @torch.no_grad()
     def _errors(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,7 +53,8 @@ class HeldoutEvaluator:
         unet.eval()
         ws, ls = [], []
         try:
-            for batch, draws in self.batches:
+            for batch, draws, cond_args in self.batches:
+                cond2 = self._cond(batch, cond_args).repeat(2)
                 ew = el = 0.0
                 for noise, t in draws:
                     latents = torch.cat([batch.chosen, batch.rejected])
@@ -54,7 +62,7 @@ class HeldoutEvaluator:
                     noisy, target = self.setup.denoiser.noisy_and_target(
                         latents, noise.repeat(2, 1, 1, 1), t2
                     )
-                    err = self.setup.denoiser.errors(unet, noisy, t2, batch.cond.repeat(2), target)
+                    err = self.setup.denoiser.errors(unet, noisy, t2, cond2, target)
                     w, l_ = err.chunk(2)
                     ew, el = ew + w, el + l_
                 ws.append(ew / len(draws))
