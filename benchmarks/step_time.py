@@ -54,7 +54,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="torch.compile the whole UNet (--compile) or each block (--compile blocks)")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--fused-adam", nargs="?", const="on", default="auto", choices=["auto", "on", "off"],
-                   help="auto: diffalign as the Trainer does (fused on CUDA and CPU), baseline as diffusers does "
+                   help="auto: diffalign as the Trainer does (fused), baseline as diffusers does "
                         "(torch default); on/off: both the same")
     p.add_argument("--finetune", choices=["full", "lora"], default="full")
     p.add_argument("--reference-dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
