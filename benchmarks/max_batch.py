@@ -86,16 +86,17 @@ def search(v, start: int, cap: int, device: str, deadline: float | None, log: li
         return {"max_batch": 0, "first_oom": 1, "complete": True}
     best = (1, dt, peak)
     lo, hi = 1, None
-    b = max(2, start)
-    while hi is None and b <= cap:
+    b = min(max(2, start), cap)  # doubling stops at the cap, which is tried itself
+    while hi is None and b > lo:
         if out_of_time():
             break
         ok, dt, peak = attempt(b)
         if ok:
             lo, best = b, (b, dt, peak)
-            b *= 2
+            b = min(2 * b, cap)
         else:
             hi = b
+
     def narrow_enough():
         return hi - lo <= max(1, int(precision * lo))
 
@@ -108,7 +109,7 @@ def search(v, start: int, cap: int, device: str, deadline: float | None, log: li
             hi = mid
     complete = hi is not None and narrow_enough()
     return {"max_batch": best[0], "step_s_at_max": best[1], "peak_bytes_at_max": best[2], "first_oom": hi,
-            "complete": complete or (hi is None and b > cap)}
+            "complete": complete or (hi is None and lo == cap)}
 
 
 def main(argv=None) -> None:
