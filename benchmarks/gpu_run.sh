@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# All GPU benchmarks in one go, on the lent H100 / H200 machine (see ../shared/gpu/README.md).
+# All GPU benchmarks in one go, on one CUDA machine (H100 / H200 class).
 #
 # Runs, each in its own time-boxed step so that one failure or overrun loses nothing else:
 #   1. step_time  SD1.5-size UNet, bf16, gradient checkpointing, 8 pairs   (all objectives + baseline)
@@ -7,17 +7,17 @@
 #   3. max_batch  MaPO vs DPO, SD1.5- and SDXL-size, bf16, gradient checkpointing
 #   4. mfu        SD1.5-size DPO step, 8 pairs, bf16: eager / fused AdamW / channels_last / SDPA
 #                 backends / torch.compile (+ tuned), with a kernel-time profile
-# and leaves in $OUT (the device tool brings back at most 8 files):
+# and leaves in $OUT (at most 8 files, so they are easy to copy off the machine):
 #   summary.md        every table, the machine and the commands
 #   run.log           the whole console output
 #   results.tar.gz    every JSON + markdown result (unpack into benchmarks/results/)
 #   *.json            the JSON results (at most 4)
 #
-# Needs diffusers importable: either already in /root/site (PYTHONPATH=/root/site), or the wheels of
-# ../shared/gpu/stage-wheels.sh part a carried as .gpu-wheels/a (installed here, without DeepSpeed/Ray).
+# Needs torch with CUDA and diffusers importable: installed, in /root/site (PYTHONPATH=/root/site), or
+# as wheels in .gpu-wheels/a/ (diffusers and its small dependencies; installed offline into /root/site).
 # The project is imported from the checkout (platform/ on PYTHONPATH); no pip install is needed.
 #
-#   device call: carry [".gpu-wheels/a"], command "bash benchmarks/gpu_run.sh", timeout_s 600
+#   OUT=/tmp/gpu-results bash benchmarks/gpu_run.sh
 #
 # Total wall time is kept under GPU_RUN_BUDGET_S (default 520 s) by giving each step what is left.
 set -u
