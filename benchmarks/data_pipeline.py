@@ -1,13 +1,15 @@
 """A full training step including its data, with and without the caches (tiny config, CPU).
 
-All rows are the real `Trainer.train_step` on the synthetic pair dataset of the tiny config
-(`configs/tiny/<objective>.yaml`): reading the items, collating, conditioning, then the step.
+All rows are the real `Trainer.train_step` of the tiny config (`configs/tiny/<objective>.yaml`):
+reading the items, collating, conditioning, then the step.
 - cached: `data.cache_latents=true`, `data.cache_prompt_embeds=true` (the defaults): the images are
   VAE-encoded once when the Trainer is built (`CachedPairs`) and the prompts text-encoded once per
   unique prompt (`CachedPromptEncoder`), so each step reads latents and embeddings from memory;
 - latents only: `data.cache_prompt_embeds=false`: the text encoder runs every step;
 - naive: neither cache: each step re-encodes its pixel batch ([chosen; rejected]) with the VAE and
-  its prompts with the text encoder, as a loop without a cache does.
+  its prompts with the text encoder, as a loop without a cache does;
+- naive + readers: the same with `data.num_workers=2`: background threads decode and transform the
+  next micro-batches while the step computes (`diffalign.train.read_ahead`).
 
 Sources (`--sources`, default both):
 - `synthetic`: the tiny config's in-memory synthetic pairs (pixels already at 32 px, nothing to decode);
@@ -37,11 +39,12 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 
-# variant -> (label, data.cache_latents, data.cache_prompt_embeds)
+# variant -> (label, data.cache_latents, data.cache_prompt_embeds, data.num_workers)
 VARIANTS = {
-    "cached": ("cached latents + prompt embeddings", True, True),
-    "latents_only": ("cached latents, text encoder every step", True, False),
-    "naive": ("naive: VAE + text encoder every step", False, False),
+    "cached": ("cached latents + prompt embeddings", True, True, 0),
+    "latents_only": ("cached latents, text encoder every step", True, False, 0),
+    "naive": ("naive: VAE + text encoder every step", False, False, 0),
+    "naive_readers": ("VAE + text encoder every step, 2 reader threads decoding ahead", False, False, 2),
 }
 
 
@@ -96,12 +99,13 @@ def make_trainer(args, name: str, out: str, data_overrides: list[str]):
     from diffalign.config import load_config
     from diffalign.train.loop import Trainer
 
-    _, latents, text = VARIANTS[name]
+    _, latents, text, workers = VARIANTS[name]
     path = args.config or str(REPO / "configs" / "tiny" / f"{args.objective}.yaml")
     overrides = [f"train.output_dir={out}", "train.progress=false", "train.eval_every=0",
                  "tracking.mlflow=false", "guard.spike_sigmas=1e12", "train.max_steps=1000000",
                  f"data.cache_latents={str(latents).lower()}",
-                 f"data.cache_prompt_embeds={str(text).lower()}", *data_overrides, *args.overrides]
+                 f"data.cache_prompt_embeds={str(text).lower()}", f"data.num_workers={workers}",
+                 *data_overrides, *args.overrides]
     cfg = load_config(path, overrides)
     t0 = time.perf_counter()
     trainer = Trainer(cfg, device="cpu", checkpoint_dir=str(Path(out) / "checkpoints"))
@@ -217,7 +221,7 @@ def main(argv=None) -> None:
         med = {name: common.median_ms(times[(source, name)]) for name in VARIANTS}
         speedups[source] = {"cached": med["naive"] / med["cached"],
                             "latents_only": med["naive"] / med["latents_only"]}
-        for name, (label, _, _) in VARIANTS.items():
+        for name, (label, *_) in VARIANTS.items():
             q1, q3 = common.iqr_ms(times[(source, name)])
             rows.append({"source": source, "variant": name, "label": label, "median_ms": med[name],
                          "q1_ms": q1, "q3_ms": q3, "pairs_per_s": 1000.0 * cfg.optim.batch_size / med[name],

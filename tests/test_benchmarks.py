@@ -43,7 +43,7 @@ def test_data_pipeline_reads_a_pickapic_parquet_and_counts_the_flop_bound(tmp_pa
     res = _run("data_pipeline.py", "--sources", "pickapic", "--source-px", "64", "--steps", "1",
                "--warmup", "0", out=tmp_path)
     assert {(r["source"], r["variant"]) for r in res["rows"]} == {
-        ("pickapic", v) for v in ("cached", "latents_only", "naive")}
+        ("pickapic", v) for v in ("cached", "latents_only", "naive", "naive_readers")}
     bound = {b["model"]: b for b in res["flop_bound"]}
     sd15 = bound["sd15"]
     r = sd15["vae_encode_gflop"] / sd15["unet_forward_gflop"]

@@ -591,3 +591,75 @@ def test_offline_folder_data_is_refused_with_the_way_out(tmp_path):
                              "objective.name=mapo", "reference.strategy=none"])
     with pytest.raises(ValueError, match="online.enabled=true"):
         open_pair_dataset(cfg)
+
+
+# -- reading ahead and per-epoch augmentation -------------------------------------------------------
+
+
+def textured_rows(n: int) -> list[dict]:
+    """Pairs of 48x40 images with structure everywhere, so every crop and flip gives other pixels."""
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    for i in range(n):
+        a, b = ((torch.rand(40, 48, 3, generator=gen) * 255).to(torch.uint8).numpy() for _ in range(2))
+        rows.append({"caption": f"p{i}", "jpg_0": encode(Image.fromarray(a)),
+                     "jpg_1": encode(Image.fromarray(b)), "label_0": 1.0})
+    return rows
+
+
+def test_read_ahead_returns_what_a_plain_read_does_and_reads_in_threads():
+    import threading
+
+    from diffalign.train.data_order import BatchOrder
+    from diffalign.train.read_ahead import ReadAhead
+
+    order = BatchOrder(7, 3, seed=1)
+    threads = set()
+
+    def read(positions):
+        threads.add(threading.current_thread().name)
+        return list(positions)
+
+    ahead = ReadAhead(order.positions, read, workers=2)
+    plain = ReadAhead(order.positions, read, workers=0)
+    steps = [0, 1, 2, 3, 1, 2, 9, 10]  # 1 after 3: a restore; 9: a jump ahead
+    assert [ahead.get(k) for k in steps] == [plain.get(k) for k in steps]
+    assert any(name.startswith("diffalign-read") for name in threads)
+    assert ahead.get(4)[0][0] == 1  # micro-batch 4 holds items 12.. = epoch 1 of 7 items
+    ahead.close()
+    with pytest.raises(ValueError, match="num_workers"):
+        ReadAhead(order.positions, read, workers=-1)
+
+
+def test_random_crops_change_per_epoch_and_reader_threads_train_identically(tmp_path):
+    from diffalign.config import ConfigError, load_config
+    from diffalign.data.factory import open_pair_dataset
+    from diffalign.train.loop import Trainer
+    from diffalign.train.read_ahead import read_items
+
+    path = tmp_path / "pairs.parquet"
+    write_parquet(path, textured_rows(6))
+    base = ["data.kind=pickapic", f"data.path={path}", "data.heldout_pairs=0", "data.center_crop=false",
+            "data.cache_latents=false", "train.max_steps=4", "train.progress=false", "train.eval_every=0",
+            "optim.batch_size=4", "objective.name=mapo", "reference.strategy=none", "model.finetune=full",
+            "guard.enabled=false", "tracking.mlflow=false"]
+    cfg = load_config(None, base + [f"train.output_dir={tmp_path}/a"])
+    train, _ = open_pair_dataset(cfg)
+    first, second = read_items(train, [(0, 0), (1, 0)])
+    assert first["prompt"] == second["prompt"]
+    assert not torch.equal(first["chosen"], second["chosen"])  # epoch 1 crops / flips anew
+    assert torch.equal(read_items(train, [(1, 0)])[0]["chosen"], second["chosen"])  # and reproducibly
+
+    runs = {}
+    for workers in (0, 2):
+        out = f"train.output_dir={tmp_path}/w{workers}"
+        c = load_config(None, [*base, out, f"data.num_workers={workers}"])
+        trainer = Trainer(c)
+        losses = [trainer.train_step()["loss"] for _ in range(4)]  # 16 items over 6: epochs 0-2
+        trainer.reader.close()
+        runs[workers] = (losses, trainer.trainable_weights())
+    assert runs[0][0] == runs[2][0]
+    assert all(torch.equal(runs[0][1][k], runs[2][1][k]) for k in runs[0][1])
+
+    with pytest.raises(ConfigError, match="data.num_workers"):
+        load_config(None, base + ["data.num_workers=-1"])

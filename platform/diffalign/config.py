@@ -97,6 +97,8 @@ class DataConfig:
     cache_prompt_embeds: bool = True
     max_samples: int | None = None
     on_error: str = "skip"  # skip | raise
+    # Threads decoding the next micro-batches while the step computes (0: read in the step);
+    # unused with cached latents, where nothing is decoded.
     num_workers: int = 0
     # Reference-mismatch probe before offline training (MaPO Fig. 2): a CLIP or DINOv2 path / hub id.
     mismatch_probe: str | None = None  # None -> skipped
@@ -538,6 +540,8 @@ def validate(cfg: RunConfig, check_paths: bool = True) -> None:
         raise ConfigError(
             "data.prompt (the identifier prompt, e.g. 'a photo of sks dog') is required for data.kind=folder"
         )
+    if d.num_workers < 0:
+        raise ConfigError(f"data.num_workers must be >= 0 (0: read in the step), got {d.num_workers}")
     if d.mismatch_probe_n < 1:
         raise ConfigError(f"data.mismatch_probe_n must be >= 1, got {d.mismatch_probe_n}")
     if d.mismatch_probe and check_paths:

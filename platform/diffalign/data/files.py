@@ -218,5 +218,9 @@ class ImageFolderDataset(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        item = self.transform.single(decode_image(self.paths[i]), item_rng(self.seed, self.epoch, i))
+        return self.item(i, self.epoch)
+
+    def item(self, i: int, epoch: int) -> dict[str, Any]:
+        """Image i with the crop / flip of `epoch` (no state changed: safe from reader threads)."""
+        item = self.transform.single(decode_image(self.paths[i]), item_rng(self.seed, epoch, i))
         return {"prompt": self.prompt, **item}

@@ -296,9 +296,13 @@ class MaterializedPairs(Dataset):
         return len(self.records)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
+        return self.item(i, self.epoch)
+
+    def item(self, i: int, epoch: int) -> dict[str, Any]:
+        """Pair i with the crop / flip of `epoch` (no state changed: safe from reader threads)."""
         r = self.records[i]
         item = self.transform(
-            decode_image(r.chosen), decode_image(r.rejected), item_rng(self.seed, self.epoch, r.index)
+            decode_image(r.chosen), decode_image(r.rejected), item_rng(self.seed, epoch, r.index)
         )
         return {"prompt": r.prompt, **item}
 

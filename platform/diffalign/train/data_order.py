@@ -22,12 +22,17 @@ class BatchOrder:
             self._perm, self._perm_epoch = torch.randperm(self.n, generator=g), epoch
         return self._perm
 
-    def indices(self, micro_step: int) -> list[int]:
-        """Item indices of this rank's micro-batch number `micro_step` (0-based, global count)."""
+    def positions(self, micro_step: int) -> list[tuple[int, int]]:
+        """(epoch, item index) of each item of this rank's micro-batch `micro_step` (0-based, global
+        count); the epoch picks the item's random crop / flip."""
         global_bsz = self.bsz * self.world
         start = micro_step * global_bsz + self.rank * self.bsz
         out = []
         for pos in range(start, start + self.bsz):
             epoch, i = divmod(pos, self.n)
-            out.append(int(self._perm_for(epoch)[i]))
+            out.append((epoch, int(self._perm_for(epoch)[i])))
         return out
+
+    def indices(self, micro_step: int) -> list[int]:
+        """Item indices of this rank's micro-batch `micro_step`."""
+        return [i for _, i in self.positions(micro_step)]

@@ -31,6 +31,7 @@ from diffalign.train.diagnostics import TimestepBins
 from diffalign.train.engine import TorchEngine, build_optimizer
 from diffalign.train.guards import OK, ROLLBACK, StabilityGuard
 from diffalign.train.heldout import HeldoutEvaluator
+from diffalign.train.read_ahead import ReadAhead, read_items
 from diffalign.train.sampling import generate, image_grid
 from diffalign.train.setup import Setup, build_datasets, build_setup
 from diffalign.train.step import make_batch
@@ -79,6 +80,11 @@ class Trainer:
         )
         self.bins = TimestepBins(self.setup.bundle.num_train_timesteps)
         self.order = BatchOrder(len(train_data), cfg.optim.batch_size, cfg.train.seed, rank, world_size)
+        # Decoding is what background readers hide; cached latents need none.
+        workers = 0 if isinstance(train_data, CachedPairs) else cfg.data.num_workers
+        self.reader = ReadAhead(
+            lambda k: self.order.positions(k), lambda pos: read_items(self.train_data, pos), workers
+        )
         self.generator = torch.Generator().manual_seed(cfg.train.seed * 1000 + rank)
         self.heldout = (
             HeldoutEvaluator(self.setup, heldout_data, device=self.device)
@@ -157,7 +163,7 @@ class Trainer:
     # ------------------------------------------------------------------ steps
 
     def _micro_batch(self, micro_step: int):
-        items = [self.train_data[i] for i in self.order.indices(micro_step)]
+        items = self.reader.get(micro_step)
         raw = self.batch_source(items, micro_step)
         return make_batch(raw, self.setup.prompt_encoder, self.setup.latent_encoder, self.device)
 
@@ -306,6 +312,7 @@ class Trainer:
         summary = dict(self.last_metrics)
         if self.heldout is not None and not any(k.startswith("heldout/") for k in summary):
             summary.update(self.evaluate())
+        self.reader.close()
         for cb in self.callbacks:
             getattr(cb, "on_end", lambda *a: None)(self, summary)
         return summary
