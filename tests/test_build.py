@@ -31,7 +31,7 @@ from diffalign.build import (
     parse_score,
     strip_style_words,
 )
-from diffalign.build.tiny import TINY_TEXT, WORDS, save_tiny_vlm, word_tokenizer
+from diffalign.build.tiny import save_tiny_lm, save_tiny_vlm
 from PIL import Image
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
@@ -39,21 +39,8 @@ HAS_VLLM = importlib.util.find_spec("vllm") is not None
 
 @pytest.fixture(scope="module")
 def tiny_lm(tmp_path_factory: pytest.TempPathFactory) -> str:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    path = tmp_path_factory.mktemp("tiny_lm")
-    special = ["<pad>", "<unk>", "<s>", "</s>", "<|user|>", "<|assistant|>"]
-    tokenizer, vocab = word_tokenizer(special, WORDS, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
-    tokenizer.chat_template = (
-        "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} {% endfor %}"
-        "{% if add_generation_prompt %}<|assistant|>{% endif %}"
-    )
-    tokenizer.save_pretrained(path)
-    config = LlamaConfig(vocab_size=len(vocab), bos_token_id=vocab["<s>"], eos_token_id=vocab["</s>"],
-                         pad_token_id=vocab["<pad>"], **TINY_TEXT)
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(path)
-    return str(path)
+    # A random head, so decoding produces words and the extraction's parsing has something to parse.
+    return str(save_tiny_lm(tmp_path_factory.mktemp("tiny_lm"), random_head=True))
 
 
 @pytest.fixture(scope="module")

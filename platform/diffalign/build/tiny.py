@@ -34,11 +34,12 @@ def word_tokenizer(special: list[str], words: list[str], **kwargs):
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", **kwargs), vocab
 
 
-def save_tiny_lm(path: str | os.PathLike[str], seed: int = 0) -> Path:
+def save_tiny_lm(path: str | os.PathLike[str], seed: int = 0, random_head: bool = False) -> Path:
     """A one-layer Llama with a chat template; loads with ``TransformersGenerator(path)``.
 
     Its output head is zero, so greedy decoding picks token 0, the end-of-text token, and stops: a random
     head would turn every caption into the same few words, and deduplication would leave one pair.
+    `random_head=True` keeps the random head, for tests of decoding itself.
     """
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -55,8 +56,9 @@ def save_tiny_lm(path: str | os.PathLike[str], seed: int = 0) -> Path:
     with torch.random.fork_rng(devices=[]):  # never disturb the caller's random stream
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)
-    with torch.no_grad():
-        model.lm_head.weight.zero_()
+    if not random_head:
+        with torch.no_grad():
+            model.lm_head.weight.zero_()
     model.save_pretrained(out)
     return out
 
