@@ -63,7 +63,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--compile-reserve-s", type=float, default=150.0)
     p.add_argument("--no-profile", action="store_true")
     p.add_argument("--out-dir", default=None)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    # 8192^3 in bf16 takes minutes on a CPU.
+    args.matmul_size = args.matmul_size or (8192 if args.device == "cuda" else 1024)
+    return args
 
 
 def matmul_peak(n: int, device: str = "cuda", reps: int = 20) -> dict:
@@ -151,7 +154,6 @@ def main(argv=None) -> None:
     t_start = time.perf_counter()
     dev = args.device
     cuda = dev == "cuda"
-    args.matmul_size = args.matmul_size or (8192 if cuda else 1024)  # 8192^3 bf16 takes minutes on a CPU
     peak = matmul_peak(args.matmul_size, dev)
     print(f"bf16 matmul {args.matmul_size}^3: {peak['flops_per_s'] / 1e12:.1f} TFLOP/s", flush=True)
     base = dict(model=args.model, device=dev, dtype=args.dtype, batch=args.batch,
