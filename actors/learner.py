@@ -18,7 +18,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import math
 import os
 import shutil
 import tempfile
@@ -63,8 +62,10 @@ def worker_run_config(cfg: RunConfig, rank: int) -> RunConfig:
     return cfg
 
 
-def build_engine(cfg: RunConfig, setup, world_size: int, device: torch.device):
-    """DDP-wrapped `TorchEngine` or `DeepSpeedEngineAdapter`, from cfg.ray.backend."""
+def build_engine(cfg: RunConfig, setup, runtime):
+    """DDP-wrapped `TorchEngine` or `DeepSpeedEngineAdapter`, from cfg.ray.backend (a `Runtime`
+    engine factory: the worker's world size and device come from `runtime`)."""
+    world_size = runtime.world_size
     if cfg.model.train_text_encoder and (world_size > 1 or cfg.ray.backend == "deepspeed"):
         raise ValueError("model.train_text_encoder is not supported by the Ray learner with DeepSpeed or "
                          "ray.num_learners > 1 (only the UNet is wrapped for gradient all-reduce)")
@@ -84,6 +85,7 @@ def build_engine(cfg: RunConfig, setup, world_size: int, device: torch.device):
         from torch.nn.parallel import DistributedDataParallel
 
         # Every trainable parameter (full UNet or LoRA adapters) is used in each forward.
+        device = torch.device(runtime.device or "cpu")
         forward = DistributedDataParallel(unet, device_ids=[device.index] if device.type == "cuda" else None,
                                           find_unused_parameters=False)
     return TorchEngine(unet, params, optimizer, cfg.optim, cfg.train.max_steps, forward_module=forward)
@@ -127,14 +129,14 @@ def _append_jsonl(path: Path, record: dict) -> None:
 
 
 class GlobalLoss:
-    """Trainer hooks for several ranks: the loss the loop sees (guards, metrics) becomes the mean
+    """Trainer callback for several ranks: the loss the loop sees (guards, metrics) becomes the mean
     over ranks, so every rank reaches the same skip / rollback verdict and the replicas never
     diverge. The gradient is still that of the rank's own loss (DDP / DeepSpeed average it)."""
 
     def __init__(self, world_size: int) -> None:
         self.world_size = world_size
 
-    def before_backward(self, step: int, loss: torch.Tensor) -> torch.Tensor:
+    def on_before_backward(self, trainer, loss: torch.Tensor) -> torch.Tensor:
         import torch.distributed as dist
 
         mean = loss.detach().float().clone()
@@ -201,13 +203,31 @@ class RayReporter:
         os._exit(1)
 
 
+class RankFingerprints:
+    """Trainer callback: at the end of training, every rank's weight fingerprint (a collective), so
+    the run can show its replicas never diverged. Before the final save, so loading EMA weights for
+    the save cannot look like ranks out of sync."""
+
+    def __init__(self, world_size: int) -> None:
+        self.world_size = world_size
+        self.fingerprints: list[str] = []
+
+    def on_end(self, trainer, summary: dict) -> None:
+        import torch.distributed as dist
+
+        fingerprint = state_fingerprint(trainer.trainable_weights())
+        self.fingerprints = [fingerprint]
+        if dist.is_available() and dist.is_initialized() and self.world_size > 1:
+            self.fingerprints = [None] * self.world_size
+            dist.all_gather_object(self.fingerprints, fingerprint)
+
+
 def train_loop_per_worker(config: dict) -> None:
-    """Runs on every Ray Train worker: build, restore, train, report."""
+    """Runs on every Ray Train worker: the one driver's build and fit-and-save, with this worker's
+    rank, engine, reference client and Ray reporting; restored from Ray's checkpoint if there is one."""
     import ray.train
-    import torch.distributed as dist
     from diffalign.actors.deepspeed_engine import optimizer_step_count
-    from diffalign.train.loop import Trainer
-    from diffalign.train.setup import build_setup
+    from diffalign.train.driver import Runtime, build_trainer, fit_and_save
 
     ctx = ray.train.get_context()
     rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
@@ -219,37 +239,28 @@ def train_loop_per_worker(config: dict) -> None:
         device = ray.train.torch.get_device()
     attempt = uuid.uuid4().hex[:8]
 
-    torch.manual_seed(cfg.train.seed)
     reference = None
     if config.get("reference_actor") is not None:
         from diffalign.actors.reference_actor import RemoteReference
 
         reference = RemoteReference(config["reference_actor"], cfg, driver=rank == 0)
-    setup = build_setup(cfg, device, reference=reference)
-    if reference is not None:
-        reference.bind(setup.bundle.unet)
-    engine = build_engine(cfg, setup, world_size, device)
-    online, data = None, {}
+    data = None
     if cfg.online.enabled:  # target images + on-policy rejected samples (rank 0 owns the sampler pool)
-        from diffalign.actors.online import build_online
+        from diffalign.actors.online import OnlineData
 
-        online = build_online(cfg, setup, rank, world_size)
-        data = {"train_data": online.dataset, "heldout_data": None, "batch_source": online.source}
+        data = OnlineData()
+    fingerprints = RankFingerprints(world_size)
+    callbacks = [GlobalLoss(world_size)] if world_size > 1 else []
+    callbacks += config["callbacks_factory"](cfg, rank) if config.get("callbacks_factory") else []
+    if rank == 0 and cfg.tracking.mlflow:  # before the reporter: a step is logged before it is reported
+        from diffalign.tracking import MlflowRun
 
-    callbacks = [RayReporter(cfg, rank, world_size, attempt, config.get("fault"))]
-    if config.get("callbacks_factory") is not None:
-        callbacks = list(config["callbacks_factory"](cfg, rank)) + callbacks
-    if online is not None:
-        callbacks = online.callbacks + callbacks  # its online/* metrics reach every later callback
-    if rank == 0 and cfg.train.score_every:  # first, so every later callback sees its score/* metrics
-        from diffalign.train.reward_eval import RewardEvaluator
-
-        callbacks = [RewardEvaluator(cfg), *callbacks]
+        callbacks.append(MlflowRun(cfg))
+    callbacks += [RayReporter(cfg, rank, world_size, attempt, config.get("fault")), fingerprints]
     local_ckpts = Path(tempfile.mkdtemp(prefix=f"diffalign-rank{rank}-"))  # guard rollback target only
-    trainer = Trainer(cfg, setup=setup, engine=engine, callbacks=callbacks, rank=rank, world_size=world_size,
-                      device=device, checkpoint_dir=local_ckpts,
-                      hooks=GlobalLoss(world_size) if world_size > 1 else None, **data)
-
+    trainer = build_trainer(cfg, Runtime(device=device, rank=rank, world_size=world_size, reference=reference,
+                                         engine_factory=build_engine, data=data, callbacks=callbacks,
+                                         checkpoint_dir=local_ckpts))
     restored = 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
@@ -259,33 +270,16 @@ def train_loop_per_worker(config: dict) -> None:
     if rank == 0:
         _append_jsonl(Path(cfg.train.output_dir) / STEP_LOG, {
             "event": "start", "attempt": attempt, "restored_step": restored, "world_size": world_size,
-            "optimizer_steps": optimizer_step_count(engine), "time": time.time()})
+            "optimizer_steps": optimizer_step_count(trainer.engine), "time": time.time()})
 
-    try:
-        summary = trainer.fit()
-    finally:
-        if online is not None:
-            online.close()
-
-    fingerprint = state_fingerprint(trainer.trainable_weights())
-    fingerprints = [fingerprint]
-    if dist.is_available() and dist.is_initialized() and world_size > 1:
-        fingerprints = [None] * world_size
-        dist.all_gather_object(fingerprints, fingerprint)
+    # The MLflow run saves the weights it logs, so a tracked sweep trial saves them too.
+    summary = fit_and_save(trainer, save_weights=config.get("save_weights", True) or cfg.tracking.mlflow)
     if rank == 0:
+        fps = fingerprints.fingerprints
         out = {"metrics": {k: v for k, v in summary.items() if isinstance(v, (int, float))},
                "step": trainer.step, "world_size": world_size, "backend": cfg.ray.backend,
-               "rank_fingerprints": fingerprints, "ranks_in_sync": len(set(fingerprints)) == 1,
-               "optimizer_steps": optimizer_step_count(engine), "weights": None}
-        if config.get("save_weights", True) or cfg.tracking.mlflow:
-            # After the fingerprints, so loading EMA weights for the save cannot look like ranks out
-            # of sync. The MLflow callback logs them and closes its run.
-            from diffalign.train.run import save_final_weights
-
-            weights = save_final_weights(trainer, Path(cfg.train.output_dir))
-            out["weights"] = str(weights)
-            for cb in callbacks:
-                getattr(cb, "on_weights_saved", lambda *a: None)(trainer, weights)
+               "rank_fingerprints": fps, "ranks_in_sync": len(set(fps)) == 1,
+               "optimizer_steps": optimizer_step_count(trainer.engine), "weights": summary["weights"]}
         path = Path(cfg.train.output_dir) / FINAL_JSON
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(out, indent=2))
@@ -323,34 +317,11 @@ def absolute_local_paths(cfg: RunConfig) -> None:
         if isinstance(value, str) and value:
             setattr(part, name, _absolute_if_local(value))
     if cfg.tracking.scorers:  # "name:path,...": only the path parts
-        from diffalign.eval.evaluate import parse_scorers
+        from diffalign.specs import parse_scorers
 
         specs = parse_scorers(cfg.tracking.scorers)
         cfg.tracking.scorers = ",".join(name if path is None else f"{name}:{_absolute_if_local(path)}"
                                         for name, path in specs.items())
-
-
-def ensure_ray(cfg: RunConfig) -> None:
-    """Starts or joins Ray, then checks that the run's actors fit the cluster (a run that does not
-    fit would otherwise wait forever for its sampler or reference actor)."""
-    import ray
-    from diffalign.actors.resources import check_fits, total_resources
-
-    if not ray.is_initialized():
-        env = {"TOKENIZERS_PARALLELISM": "false"}
-        if not cfg.ray.use_gpu:
-            env["DS_ACCELERATOR"] = "cpu"
-        # ray.address, else RAY_ADDRESS (set under `ray job submit`): join that cluster, whose object
-        # store is sized already. Neither: a new local cluster, even if `ray start` left one running.
-        address = cfg.ray.address or os.environ.get("RAY_ADDRESS") or "local"
-        local = {}
-        if address == "local":
-            # CPUs are scheduling slots here: a laptop with fewer cores still runs the tiny configs.
-            need = math.ceil(total_resources(cfg).get("CPU", 0.0))
-            local = {"object_store_memory": cfg.ray.object_store_mb << 20,
-                     "num_cpus": max(os.cpu_count() or 1, need)}
-        ray.init(address=address, runtime_env={"env_vars": env}, **local)
-    check_fits(cfg, ray.cluster_resources())
 
 
 def train_with_ray(cfg: RunConfig, callbacks_factory: Callable[[RunConfig, int], list] | None = None,
@@ -367,7 +338,8 @@ def train_with_ray(cfg: RunConfig, callbacks_factory: Callable[[RunConfig, int],
     checkpoint of each trial holds them).
     """
     import ray.train
-    from diffalign.actors import tracking
+    from diffalign import tracking
+    from diffalign.actors.cluster import ensure_ray
     from ray.train.torch import TorchConfig, TorchTrainer
 
     ensure_ray(cfg)
@@ -382,9 +354,8 @@ def train_with_ray(cfg: RunConfig, callbacks_factory: Callable[[RunConfig, int],
         actor = spawn_reference_actor(cfg, fresh=True)
     (out_dir / FINAL_JSON).unlink(missing_ok=True)  # never report an earlier run's summary
     name = run_name(cfg)
-    if cfg.tracking.mlflow:  # rank 0 logs one MLflow run (diffalign.actors.tracking)
+    if cfg.tracking.mlflow:  # rank 0's MlflowRun logs one MLflow run; a restarted worker continues it
         tracking.prepare_record(cfg, resuming=(storage_path(cfg) / name).exists())
-        callbacks_factory = tracking.WithMlflow(callbacks_factory)
     r = cfg.ray
     trainer = TorchTrainer(
         train_loop_per_worker,

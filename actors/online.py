@@ -3,8 +3,8 @@ the current policy generates for the identifier prompt, sampled on Ray `SamplerA
 learner trains. MaPO is the method (reference-free); DPO / xDPO take the same on-policy pairs with
 a reference (colocated or on a `ReferenceActor`).
 
-Two runtimes share these parts (`build_online`):
-- `run_online_mapo`: one learner process (this one) + the sampler pool;
+Both runtimes build their trainer with the one driver (`diffalign.train.driver`) and `OnlineData`:
+- one learner process + the sampler pool (`recipes/mapo_personalize.py`, `diffalign.train.driver.run`);
 - the Ray Train learner (`diffalign.actors.learner`, ray.enabled=true): N workers; rank 0 owns the
   pool and syncs it, draws the rejected samples of every rank in one request and scatters them
   (so all ranks train on fresh samples of the same policy version).
@@ -26,19 +26,17 @@ import time
 from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from diffalign.actors.sampler import SampleRequest, SamplerPool
-from diffalign.config import RunConfig
+from diffalign.config import OnlineConfig, RunConfig, SamplerPoolConfig
+from diffalign.config.schema import ONLINE_MODES as MODES
 from diffalign.data.collate import collate_pairs
 from diffalign.data.files import ImageFolderDataset
+from diffalign.train.driver import TrainingData
 from diffalign.train.loop import Trainer
-from diffalign.train.run import save_final_weights
-from diffalign.train.setup import build_setup
 
 log = logging.getLogger(__name__)
-MODES = ("sync", "async")
 
 
 @dataclass
@@ -119,9 +117,12 @@ class OnPolicyPairs:
     (the pipeline's latent output is in the same scaled space).
     """
 
+    # Defaults are the config's (OnlineConfig, SamplerPoolConfig): written once, there.
     def __init__(self, pool: SamplerPool | None, latent_encoder, prompt: str, batch_size: int,
-                 mode: str = "async", max_staleness: int = 2, sync_every: int = 1, grad_accum: int = 1,
-                 buffer_size: int = 64, samples_per_request: int = 4, seed: int = 0, rank: int = 0,
+                 mode: str = OnlineConfig.mode, max_staleness: int = OnlineConfig.max_staleness,
+                 sync_every: int = SamplerPoolConfig.sync_every, grad_accum: int = 1,
+                 buffer_size: int = OnlineConfig.buffer_size,
+                 samples_per_request: int = OnlineConfig.samples_per_request, seed: int = 0, rank: int = 0,
                  world_size: int = 1) -> None:
         if (pool is None) != (rank != 0):
             raise ValueError("the sampler pool belongs to rank 0 (and only to rank 0)")
@@ -236,7 +237,7 @@ class OnlineSyncCallback:
     trainer.step; the first sync, in on_start, before any step) and adds the online/* metrics."""
 
     def __init__(self, pool: SamplerPool, source: OnPolicyPairs | None = None,
-                 sync_every: int = 1) -> None:
+                 sync_every: int = SamplerPoolConfig.sync_every) -> None:
         if sync_every < 1:
             raise ValueError(f"sync_every must be >= 1, got {sync_every}")
         self.pool, self.source, self.sync_every = pool, source, sync_every
@@ -282,66 +283,35 @@ def folder_dataset(cfg: RunConfig) -> ImageFolderDataset:
                               on_error=d.on_error)
 
 
-@dataclass
-class OnlineParts:
-    """What a learner process needs for online training (rank 0 also owns the pool)."""
+class OnlineData:
+    """The trainer's data for online training (a `Runtime.data` factory, pickled to Ray Train workers):
+    the target images as the dataset, `OnPolicyPairs` as the batch source and, on rank 0, the sampler
+    pool with its weight-sync callback; the pool shuts down when the trainer closes."""
 
-    dataset: ImageFolderDataset
-    source: OnPolicyPairs
-    callbacks: list
-    pool: SamplerPool | None
+    def __init__(self, num_samplers: int | None = None) -> None:
+        self.num_samplers = num_samplers
 
-    def close(self) -> None:
-        self.source.close()
-        if self.pool is not None:
-            self.pool.shutdown()
+    def __call__(self, cfg: RunConfig, setup, runtime) -> TrainingData:
+        on, s = cfg.online, cfg.ray.sampler
+        rank, world_size = runtime.rank, runtime.world_size
+        dataset = folder_dataset(cfg)
+        pool = SamplerPool(cfg, self.num_samplers) if rank == 0 else None
+        try:
+            source = OnPolicyPairs(pool, setup.latent_encoder, dataset.prompt, cfg.optim.batch_size, on.mode,
+                                   on.max_staleness, s.sync_every, cfg.optim.grad_accum, on.buffer_size,
+                                   on.samples_per_request, cfg.train.seed, rank=rank, world_size=world_size)
+        except Exception:
+            if pool is not None:
+                pool.shutdown()
+            raise
+        callbacks = [OnlineSyncCallback(pool, source, s.sync_every)] if pool is not None else []
 
+        def close() -> None:
+            buf = source.buffer
+            source.close()
+            if pool is not None:
+                log.info("online %s: %d samples trained on, %d stale dropped, %d sampler restarts",
+                         cfg.objective.name, buf.taken, buf.stale_dropped, pool.restarts)
+                pool.shutdown()
 
-def build_online(cfg: RunConfig, setup, rank: int = 0, world_size: int = 1,
-                 num_samplers: int | None = None) -> OnlineParts:
-    """Target-image dataset, on-policy batch source and (rank 0) the sampler pool + sync callback."""
-    on, s = cfg.online, cfg.ray.sampler
-    dataset = folder_dataset(cfg)
-    pool = SamplerPool(cfg, num_samplers) if rank == 0 else None
-    try:
-        source = OnPolicyPairs(pool, setup.latent_encoder, dataset.prompt, cfg.optim.batch_size, on.mode,
-                               on.max_staleness, s.sync_every, cfg.optim.grad_accum, on.buffer_size,
-                               on.samples_per_request, cfg.train.seed, rank=rank, world_size=world_size)
-    except Exception:
-        if pool is not None:
-            pool.shutdown()
-        raise
-    callbacks = [OnlineSyncCallback(pool, source, s.sync_every)] if pool is not None else []
-    return OnlineParts(dataset, source, callbacks, pool)
-
-
-def run_online_mapo(cfg: RunConfig, callbacks: Sequence = (), num_samplers: int | None = None) -> dict:
-    """Trains online with a single-process learner here and a Ray sampler pool.
-
-    Starts (or joins, per ray.address / RAY_ADDRESS) Ray if needed. Returns the final metrics plus
-    "steps" and "policy_dir" (where the LoRA / UNet was saved).
-    """
-    from diffalign.actors.learner import ensure_ray
-
-    ensure_ray(cfg)
-    device = "cuda" if cfg.ray.use_gpu and torch.cuda.is_available() else "cpu"
-    setup = build_setup(cfg, device)
-    parts = build_online(cfg, setup, num_samplers=num_samplers)
-    scoring = []
-    if cfg.train.score_every:  # before the caller's callbacks (MLflow) so they see score/* metrics
-        from diffalign.train.reward_eval import RewardEvaluator
-
-        scoring = [RewardEvaluator(cfg)]
-    try:
-        trainer = Trainer(cfg, setup=setup, train_data=parts.dataset, heldout_data=None,
-                          callbacks=[*parts.callbacks, *scoring, *callbacks], device=device,
-                          batch_source=parts.source)
-        summary = trainer.fit()
-        policy_dir = save_final_weights(trainer, Path(cfg.train.output_dir))
-        buf = parts.source.buffer
-        log.info("online %s: %d steps, %d samples trained on, %d stale dropped, %d sampler restarts; "
-                 "policy saved to %s", cfg.objective.name, trainer.step, buf.taken, buf.stale_dropped,
-                 parts.pool.restarts, policy_dir)
-        return {**summary, "steps": trainer.step, "policy_dir": str(policy_dir)}
-    finally:
-        parts.close()
+        return TrainingData(dataset, None, source, callbacks, close)

@@ -20,7 +20,6 @@ with the same weights and version instead of a silently re-initialised reference
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import shutil
@@ -31,8 +30,9 @@ import torch
 from diffalign.config import RunConfig
 from diffalign.models.conditioning import Conditioning
 from diffalign.models.denoiser import Denoiser
+from diffalign.models.precision import autocast, mixed_precision_dtype
 from diffalign.models.weights import load_trainable_state_dict, state_fingerprint, trainable_state_dict
-from diffalign.reference import PendingErrors, build_reference, resolve_reference_dtype
+from diffalign.reference import PendingErrors
 
 MAX_RESTARTS = 3
 MAX_TASK_RETRIES = 3
@@ -63,23 +63,19 @@ class ReferenceServer:
     """The actor's body (plain class: the Ray actor below only adds the waiting)."""
 
     def __init__(self, cfg: RunConfig, state_dir: str | None = None, device: str = "cpu") -> None:
-        from diffalign.train.setup import DTYPES, build_bundle, prepare_policy
+        from diffalign.models.build import build_policy
+        from diffalign.train.setup import configured_reference
 
         self.cfg = cfg
         self.device = torch.device(device)
-        # Same seed and build order as the learner's build_setup, so the initial models agree
-        # (checked by RemoteReference.bind through init_fingerprint()).
-        torch.manual_seed(cfg.train.seed)
-        bundle = build_bundle(cfg)
-        prepare_policy(bundle, cfg)
+        # Built as the learner builds its policy, so the initial models agree (checked by
+        # RemoteReference.bind through init_fingerprint()).
+        bundle, _ = build_policy(cfg)
         self.policy = bundle.unet.to(self.device)
         self.policy.requires_grad_(False)
         self._init_fingerprint = state_fingerprint(trainable_state_dict(self.policy))
-        r = cfg.reference
-        dtype = resolve_reference_dtype(r.dtype, cfg.model.mixed_precision, self.device)
-        self.ref = build_reference(r.strategy, self.policy, Denoiser(bundle.noise_scheduler), tau=r.tau,
-                                   delta=r.delta, on_exceed=r.on_exceed, dtype=dtype)
-        self.autocast_dtype = DTYPES[cfg.model.mixed_precision]
+        self.ref = configured_reference(cfg, self.policy, Denoiser(bundle.noise_scheduler), self.device)
+        self.autocast_dtype = mixed_precision_dtype(cfg.model.mixed_precision)
         self.step = 0
         self.state_dir = Path(state_dir) if state_dir else None
         self.restored = self._load()
@@ -113,9 +109,7 @@ class ReferenceServer:
                target: torch.Tensor) -> torch.Tensor:
         d = self.device
         c = Conditioning(**{k: v.to(d) for k, v in cond.items()})
-        dtype = self.autocast_dtype
-        ctx = torch.autocast(device_type=d.type, dtype=dtype) if dtype else contextlib.nullcontext()
-        with torch.no_grad(), ctx:
+        with torch.no_grad(), autocast(d, self.autocast_dtype):
             out = self.ref.errors(noisy.to(d), timesteps.to(d), c, target.to(d))
         return out.float().cpu()
 

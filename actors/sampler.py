@@ -1,4 +1,4 @@
-"""On-policy sampling on Ray: `SamplerActor`s hold a copy of the policy, `SamplerPool` keeps them
+"""On-policy sampling on Ray: `SamplerPool` keeps a group of `SamplerActor`s (see `sampler_worker`)
 synced with the learner and hands out version-tagged samples, surviving actor restarts.
 
 Consistency rules:
@@ -12,149 +12,28 @@ Consistency rules:
 from __future__ import annotations
 
 import logging
-import os
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
+from typing import Any
 
 import ray
 import torch
+from diffalign.actors.sampler_worker import OUTPUTS, SamplerActor, StaleSamplerError
 from diffalign.actors.weight_sync import (
     ProbeBatch,
     SyncVerifier,
-    WeightPacket,
-    apply_packet,
     compute_dtype,
     lowest_precision,
     make_packet,
     probe_outputs,
 )
 from diffalign.config import RunConfig
-from diffalign.train.setup import DTYPES, build_bundle, prepare_policy
 from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
 
 log = logging.getLogger(__name__)
-OUTPUTS = ("latent", "pil")
 
 
-class StaleSamplerError(RuntimeError):
-    """A sampler was asked for samples of a policy version it does not hold."""
-
-
-class SamplerWorker:
-    """One copy of the policy pipeline (wrapped by `SamplerActor`; usable directly without Ray).
-
-    Built from the run config exactly as the learner's policy is (same bundle, same LoRA/full
-    preparation), so the trainable keys match and a packet loads strictly.
-    """
-
-    def __init__(self, cfg: RunConfig, index: int = 0) -> None:
-        self.cfg, self.index = cfg, index
-        want_gpu = cfg.ray.sampler.num_gpus > 0 and torch.cuda.is_available()
-        self.device = torch.device("cuda" if want_gpu else "cpu")
-        # Half-precision autocast only where it pays (GPU); the probe check then uses its tolerance.
-        self.autocast_dtype = DTYPES[cfg.model.mixed_precision] if want_gpu else None
-        bundle = build_bundle(cfg)
-        prepare_policy(bundle, cfg)
-        self.modules: list[torch.nn.Module] = [bundle.unet]
-        if cfg.model.train_text_encoder:
-            self.modules += bundle.text_encoders
-        for module in [bundle.unet, bundle.vae, *bundle.text_encoders]:
-            module.requires_grad_(False)
-            module.eval()
-            module.to(self.device)
-        self.bundle = bundle
-        self.pipe = bundle.pipeline()
-        self._version = -1
-        self._holds_base = True  # still the weights it was built with (no packet loaded yet)
-        self._probes: dict[int, ProbeBatch] = {}
-        self.images_generated = 0
-        self.generate_s = 0.0
-
-    def _autocast(self):
-        if self.autocast_dtype is None:
-            return nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
-
-
-    def sync(self, packet: WeightPacket, expected_version: int | None = None) -> int:
-        """Strict load of the packet (see `apply_packet`); returns the version now held."""
-        self._version = -1  # a failed load leaves no half-valid version behind
-        self._holds_base = False
-        self._version = apply_packet(self.modules, packet, expected_version)
-        return self._version
-
-    def use_base_weights(self, version: int = 0) -> int:
-        """Declares the weights it was built with (cfg.model as loaded) to be policy `version`, so the
-        base model is sampled without a learner. Freshly added LoRA adapters are a no-op (lora_B starts
-        at zero, checked here); a worker that has loaded a packet no longer holds the base model."""
-        if not self._holds_base:
-            raise StaleSamplerError(f"sampler {self.index} has loaded trained weights, not the base model")
-        active = [n for m in self.modules for n, p in m.named_parameters()
-                  if "lora_B" in n and bool(p.any())]
-        if active:
-            raise RuntimeError(f"sampler {self.index}: LoRA adapters are not a no-op ({active[0]} != 0)")
-        self._version = int(version)
-        return self._version
-
-    def version(self) -> int:
-        return self._version
-
-    def info(self) -> dict:
-        return {"index": self.index, "pid": os.getpid(), "device": str(self.device), "version": self._version,
-                "images_generated": self.images_generated, "generate_s": self.generate_s}
-
-    @torch.no_grad()
-    def probe(self, seed: int = 0) -> dict:
-        """Denoiser outputs on the fixed probe batch of `seed`, with the version and compute dtype."""
-        if seed not in self._probes:
-            self._probes[seed] = ProbeBatch.build(self.bundle.unet, seed)
-        with self._autocast():
-            out = probe_outputs(self.bundle.unet, self._probes[seed])
-        dtype = compute_dtype(self.bundle.unet, self.autocast_dtype)
-        return {"out": out, "version": self._version, "dtype": str(dtype).replace("torch.", "")}
-
-    @torch.no_grad()
-    def generate(self, prompts: list[str], seeds: list[int], steps: int | None = None,
-                 guidance: float | None = None, output: str = "latent",
-                 expected_version: int | None = None) -> dict:
-        """One sample per (prompt, seed), each from its own seeded generator.
-
-        output="latent": "latents" (N, C, h, w) float32 in the scaled latent space the training step
-        uses (the VAE encoder's mean times scaling_factor); output="pil": "images" (list of PIL).
-        """
-        if expected_version is not None and self._version != expected_version:
-            raise StaleSamplerError(f"sampler {self.index} holds policy version {self._version}, "
-                                    f"asked for version {expected_version}")
-        if output not in OUTPUTS:
-            raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
-        if len(prompts) != len(seeds):
-            raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
-        s = self.cfg.ray.sampler
-        res = self.bundle.resolution
-        t0 = time.perf_counter()
-        gens = [torch.Generator(device="cpu").manual_seed(int(seed)) for seed in seeds]
-        with self._autocast():
-            out = self.pipe(list(prompts), num_inference_steps=steps or s.inference_steps,
-                            guidance_scale=s.guidance_scale if guidance is None else guidance, generator=gens,
-                            height=res, width=res, output_type=output)
-        dt = time.perf_counter() - t0
-        self.images_generated += len(prompts)
-        self.generate_s += dt
-        result = {"prompts": list(prompts), "seeds": [int(x) for x in seeds], "version": self._version,
-                  "versions": [self._version] * len(prompts), "actor": self.index, "generate_s": dt,
-                  "images_per_s": len(prompts) / max(dt, 1e-9)}
-        if output == "latent":
-            result["latents"] = out.images.float().cpu()
-        else:
-            result["images"] = list(out.images)
-        return result
-
-
-SamplerActor = ray.remote(SamplerWorker)
-
-
-def create_sampler(cfg: RunConfig, index: int = 0, **options):
+def create_sampler(cfg: RunConfig, index: int = 0, **options: Any) -> ray.actor.ActorHandle:
     """A `SamplerActor` placed and made restartable per `cfg.ray.sampler`.
 
     max_task_retries=0: Ray does not replay calls on a restarted actor; the pool re-syncs it first
@@ -189,7 +68,7 @@ class SamplerPool:
     """
 
     def __init__(self, cfg: RunConfig, n: int | None = None, output: str = "latent",
-                 restart_timeout_s: float = 300.0, **actor_options) -> None:
+                 restart_timeout_s: float = 300.0, **actor_options: Any) -> None:
         s = cfg.ray.sampler
         n = s.num if n is None else n
         if n < 1:

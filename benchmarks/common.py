@@ -203,7 +203,8 @@ class TrainerVariant:
         from diffalign.models.bundle import ModelBundle
         from diffalign.models.denoiser import Denoiser
         from diffalign.objectives import build_objective, objective_needs_reference
-        from diffalign.reference import build_reference, resolve_reference_dtype
+        from diffalign.models.precision import resolve_reference_dtype
+from diffalign.reference import build_reference
         from diffalign.timesteps import build_timestep_sampler, reward_scale
         from diffalign.train.engine import TorchEngine, build_optimizer
         from diffalign.train.loop import Trainer
@@ -455,7 +456,7 @@ def build_variant(name: str, spec: Spec):
 
 def reference_dtype_note(spec: Spec) -> str:
     """What `spec.reference_dtype` resolves to for the colocated / actor reference rows."""
-    from diffalign.reference import resolve_reference_dtype
+    from diffalign.models.precision import resolve_reference_dtype
 
     mp = "bf16" if spec.dtype == "bf16" else "no"
     dtype = str(resolve_reference_dtype(spec.reference_dtype, mp, spec.device)).removeprefix("torch.")

@@ -143,7 +143,7 @@ def _count_flops(fn) -> int:
 
 def _unet_and_vae_flops(model: str, px: int) -> tuple[int, int]:
     """FLOPs of one UNet forward and one VAE encode for a single image."""
-    from diffalign.models.tiny import build_tiny_bundle
+    from diffalign.models.tiny.diffusion import build_tiny_bundle
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     meta = model != "tiny"

@@ -91,7 +91,8 @@ def bytes_per_step(model: str, batch: int) -> dict:
 def main(argv=None) -> None:
     args = parse_args(argv)
     from diffalign.actors.reference_actor import spawn_reference_actor
-    from diffalign.actors.sampler import SamplerPool, SamplerWorker
+    from diffalign.actors.sampler import SamplerPool
+    from diffalign.actors.sampler_worker import SamplerWorker
     from diffalign.reference import build_reference
 
     ray = common.ensure_ray()

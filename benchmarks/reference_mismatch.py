@@ -190,7 +190,7 @@ def _train(cfg, bundle, data) -> dict:
 
 def _samples(bundle, prompts: list[str], seeds: list[int], args) -> torch.Tensor:
     """Seed-matched samples as a ``(N, 3, H, W)`` tensor in [-1, 1]."""
-    from diffalign.train.sampling import generate
+    from diffalign.models.sampling import generate
 
     images = generate(bundle, bundle.unet, prompts, seeds, steps=args.sample_steps,
                       guidance_scale=args.guidance_scale)
@@ -249,7 +249,7 @@ def _pretrained_base(args, bundle, base_data, work: Path) -> dict:
 
 def run(args) -> dict:
     from diffalign.data.synthetic import PROMPTS, SyntheticPairs, red_fraction
-    from diffalign.models.tiny import build_tiny_bundle
+    from diffalign.models.tiny.diffusion import build_tiny_bundle
     from diffalign.train.step import LatentEncoder
 
     torch.set_num_threads(args.threads)

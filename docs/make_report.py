@@ -12,7 +12,7 @@ import torch
 from diffalign.config import load_config
 from diffalign.report import render_report
 from diffalign.tracking import tracking_uri
-from diffalign.train.run import run_offline
+from diffalign.train.driver import run
 
 
 class InjectNaN:
@@ -21,7 +21,8 @@ class InjectNaN:
     def __init__(self, start: int, count: int) -> None:
         self.start, self.left = start, count
 
-    def before_backward(self, step: int, loss: torch.Tensor) -> torch.Tensor:
+    def on_before_backward(self, trainer, loss: torch.Tensor) -> torch.Tensor:
+        step = trainer.step + 1
         if step >= self.start and self.left > 0:
             self.left -= 1
             return loss * float("nan")
@@ -43,7 +44,7 @@ def main() -> None:
             "guard.max_bad_steps=3",
         ],
     )
-    summary = run_offline(cfg, hooks=InjectNaN(start=9, count=3))
+    summary = run(cfg, callbacks=[InjectNaN(start=9, count=3)])
     print(render_report(summary["mlflow_run_id"], tracking_uri(cfg), "docs/report.png", "docs/report.html"))
 
 

@@ -7,8 +7,12 @@ import logging
 import os
 import sys
 
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+def quiet_defaults() -> None:
+    """Process defaults for a recipe run, set when `parse_args` runs (never at import): no tokenizer
+    fork warnings, and DeepSpeed's CPU accelerator unless a GPU is asked for."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
 def parse_args(description: str, default_config: str, extra=None) -> tuple[argparse.Namespace, object]:
@@ -21,6 +25,7 @@ def parse_args(description: str, default_config: str, extra=None) -> tuple[argpa
     if extra:
         extra(parser)
     args = parser.parse_args()
+    quiet_defaults()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         cfg = load_config(args.config, args.overrides)

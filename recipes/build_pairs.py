@@ -26,7 +26,7 @@ def model_path(name: str, kind: str, out_dir: Path) -> str:
     """`name` as given, or for "tiny" a random model built offline under out_dir (CPU demos, tests)."""
     if name != "tiny":
         return name
-    from diffalign.build.tiny import save_tiny_lm, save_tiny_vlm
+    from diffalign.models.tiny.language import save_tiny_lm, save_tiny_vlm
 
     return str((save_tiny_lm if kind == "llm" else save_tiny_vlm)(out_dir / f"tiny_{kind}"))
 
@@ -53,10 +53,10 @@ def main() -> None:
         sys.exit(2)
     from diffalign.actors.learner import ensure_ray
     from diffalign.actors.sampler import SamplerPool
-    from diffalign.build import VLMJudge, build_pair_dataset, build_text_generator
-    from diffalign.build.llm import resolve_backend
+    from diffalign.curate import VLMJudge, build_pair_dataset, build_text_generator
+    from diffalign.curate.llm import resolve_backend
     from diffalign.data.synthetic import PROMPTS
-    from diffalign.eval.evaluate import load_prompts
+    from diffalign.specs import load_prompts
 
     out_dir = Path(cfg.train.output_dir)
     out = Path(b.out or out_dir / "pairs.parquet")

@@ -51,36 +51,26 @@ class GridOnRankZero:
 def main() -> None:
     args, cfg = parse_args(__doc__.splitlines()[0], "configs/tiny/mapo_personalize.yaml")
     grid = HeldoutGrid(cfg.data.prompt, cfg.train.output_dir)
-    if cfg.ray.enabled:
+    from diffalign.actors.cluster import ensure_ray
+    from diffalign.actors.online import OnlineData
+
+    if cfg.ray.enabled:  # N Ray Train learners, each running the same driver with OnlineData
         from diffalign.actors.learner import train_with_ray
 
-        out = train_with_ray(cfg, callbacks_factory=GridOnRankZero(grid))  # logs MLflow on rank 0
-        summary = {**out["metrics"], "steps": out["step"], "policy_dir": out["weights"],
+        out = train_with_ray(cfg, callbacks_factory=GridOnRankZero(grid))
+        summary = {**out["metrics"], "final_step": out["step"], "weights": out["weights"],
                    "mlflow_run_id": out["mlflow_run_id"], "checkpoint": out["checkpoint"]}
-    else:
-        summary = run_single_learner(cfg, grid)
-    out_dir = Path(cfg.train.output_dir)
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        (Path(cfg.train.output_dir) / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    else:  # the learner in this process, the samplers on Ray
+        import torch
+        from diffalign.train.driver import run
+
+        ensure_ray(cfg)
+        device = "cuda" if cfg.ray.use_gpu and torch.cuda.is_available() else "cpu"
+        summary = run(cfg, device=device, data=OnlineData(), callbacks=[grid])
     print(json.dumps({k: v for k, v in summary.items() if not k.startswith("bins/")}, indent=2, default=str))
-
-
-def run_single_learner(cfg, grid: HeldoutGrid) -> dict:
-    """The learner in this process, samplers on Ray; the MLflow run is opened and closed here."""
-    from diffalign.actors.online import run_online_mapo
-    from diffalign.tracking import MlflowTracker
-
-    tracker = MlflowTracker(cfg) if cfg.tracking.mlflow else None
-    status = "FAILED"
-    try:
-        summary = run_online_mapo(cfg, callbacks=[grid] + ([tracker] if tracker else []))
-        if tracker:
-            tracker.log_artifacts(summary["policy_dir"], "weights/" + Path(summary["policy_dir"]).name)
-            summary["mlflow_run_id"] = tracker.run_id
-        status = "FINISHED"
-        return summary
-    finally:
-        if tracker:
-            tracker.close(status)
+    print(f"weights: {summary['weights']} (diffusers: pipe.load_lora_weights(...)); "
+          f"held-out grid: {grid.out_dir / 'heldout_grid.png'}")
 
 
 if __name__ == "__main__":

@@ -18,18 +18,18 @@ from _common import parse_args
 
 def main() -> None:
     args, cfg = parse_args(__doc__.splitlines()[0], "configs/tiny/dpo_refupdate.yaml")
-    if cfg.ray.enabled:
+    if cfg.ray.enabled:  # N Ray Train learners, each running the same driver
         from diffalign.actors.learner import train_with_ray
         from diffalign.train.mismatch_check import check_reference_mismatch
         from diffalign.train.setup import build_datasets
 
-        # On the driver, before any learner starts (run_offline does the same in-process, with MLflow).
+        # Here, before any learner starts (the one-process run probes too, logging it to MLflow).
         check_reference_mismatch(cfg, build_datasets(cfg)[0] if cfg.data.mismatch_probe else None)
         summary = train_with_ray(cfg)
-    else:
-        from diffalign.train.run import run_offline
+    else:  # one process
+        from diffalign.train.driver import run
 
-        summary = run_offline(cfg)
+        summary = run(cfg)
     print(json.dumps({k: v for k, v in summary.items() if not isinstance(v, dict)}, indent=2, default=str))
 
 

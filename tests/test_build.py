@@ -11,7 +11,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import torch
-from diffalign.build import (
+from diffalign.curate import (
     CONTEXT_INSTRUCTION,
     PAIR_SCHEMA,
     STYLE_PRESETS,
@@ -31,7 +31,7 @@ from diffalign.build import (
     parse_score,
     strip_style_words,
 )
-from diffalign.build.tiny import save_tiny_lm, save_tiny_vlm
+from diffalign.models.tiny.language import save_tiny_lm, save_tiny_vlm
 from PIL import Image
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from diffalign.build.pairs import encode_jpeg, pair_seeds
 from diffalign.config import ConfigError, load_config
+from diffalign.curate.pairs import encode_jpeg, pair_seeds
 from diffalign.data import PickAPicPairs
 from PIL import Image
 
@@ -31,9 +31,9 @@ def _pixels(image_or_jpeg) -> np.ndarray:
 def test_sampler_worker_samples_base_weights_without_a_learner(tmp_path):
     pytest.importorskip("ray")
     import torch
-    from diffalign.actors.sampler import SamplerWorker, StaleSamplerError
+    from diffalign.actors.sampler_worker import SamplerWorker, StaleSamplerError
     from diffalign.actors.weight_sync import make_packet
-    from diffalign.models.tiny import build_tiny_bundle
+    from diffalign.models.tiny.diffusion import build_tiny_bundle
 
     cfg = load_config(BUILD_CONFIG, ["model.finetune=lora", f"train.output_dir={tmp_path}"])
     worker = SamplerWorker(cfg)
@@ -110,7 +110,7 @@ def test_build_pairs_recipe_writes_pickapic_parquet_from_sampler_actors(ray_loca
     seeds = pair_seeds(summary["seed"], summary["generated_pairs"])
     kept_seeds = [r["seed"] for r in rows]
     assert kept_seeds == [s for s in seeds if s in kept_seeds]
-    from diffalign.actors.sampler import SamplerWorker
+    from diffalign.actors.sampler_worker import SamplerWorker
 
     worker = SamplerWorker(load_config(BUILD_CONFIG, [f"train.output_dir={tmp_path}"]))
     worker.use_base_weights()
@@ -156,8 +156,8 @@ def test_mismatch_probe_skipped_with_a_hint(tmp_path, caplog):
 
 @pytest.mark.slow
 def test_mismatch_probe_printed_and_logged_before_training(tmp_path, capsys):
-    from diffalign.eval.tiny_scorers import save_tiny_scorer
-    from diffalign.train.run import run_offline
+    from diffalign.models.tiny.scorers import save_tiny_scorer
+    from diffalign.train.driver import run
     from mlflow.tracking import MlflowClient
 
     clip = save_tiny_scorer("clip", tmp_path / "clip")
@@ -171,7 +171,7 @@ def test_mismatch_probe_printed_and_logged_before_training(tmp_path, capsys):
         def on_step(self, trainer, metrics):
             print(f"training step {trainer.step}", flush=True)
 
-    summary = run_offline(cfg, callbacks=[StepMarker()], device="cpu")
+    summary = run(cfg, callbacks=[StepMarker()], device="cpu")
     printed = capsys.readouterr().out
     assert "reference mismatch:" in printed and "training step 1" in printed
     assert printed.index("reference mismatch:") < printed.index("training step 1")

@@ -8,7 +8,7 @@ import torch
 from diffalign.data.synthetic import PROMPTS
 from diffalign.models import PromptEncoder, build_tiny_bundle
 from diffalign.train.cache import CachedPromptEncoder
-from diffalign.train.loop import Trainer
+from diffalign.train.driver import build_trainer
 
 
 class EncoderCalls:
@@ -25,8 +25,8 @@ class EncoderCalls:
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
 def test_cached_conditioning_gives_the_same_losses(tiny_cfg, family):
     base = (f"model.family={family}", "data.num_pairs=8", "optim.batch_size=4")
-    cached = Trainer(tiny_cfg(*base))
-    plain = Trainer(tiny_cfg(*base, "data.cache_prompt_embeds=false"))
+    cached = build_trainer(tiny_cfg(*base))
+    plain = build_trainer(tiny_cfg(*base, "data.cache_prompt_embeds=false"))
     assert isinstance(cached.setup.prompt_encoder, CachedPromptEncoder)
     assert not isinstance(plain.setup.prompt_encoder, CachedPromptEncoder)
     for _ in range(2):  # the second DPO step is the first whose loss is not log 2 by construction
@@ -38,7 +38,7 @@ def test_cached_conditioning_gives_the_same_losses(tiny_cfg, family):
 
 def test_text_encoder_runs_once_per_unique_prompt(tiny_cfg):
     cfg = tiny_cfg("data.num_pairs=16", "optim.batch_size=4")
-    trainer = Trainer(cfg)
+    trainer = build_trainer(cfg)
     calls = EncoderCalls(trainer.setup.bundle)
     for _ in range(4):  # one epoch: every pair, 8 distinct prompts twice each
         trainer.train_step()
@@ -48,7 +48,8 @@ def test_text_encoder_runs_once_per_unique_prompt(tiny_cfg):
     row = 16 * 32 * 4  # TEXT_LEN x hidden size, float32
     assert cache.nbytes == 8 * row
 
-    plain = Trainer(tiny_cfg("data.num_pairs=16", "optim.batch_size=4", "data.cache_prompt_embeds=false"))
+    plain = build_trainer(tiny_cfg("data.num_pairs=16", "optim.batch_size=4",
+                                   "data.cache_prompt_embeds=false"))
     plain_calls = EncoderCalls(plain.setup.bundle)
     for _ in range(4):
         plain.train_step()
@@ -75,7 +76,7 @@ def test_rows_keep_the_encoder_dtype_and_give_float32_conditioning():
 def test_trained_text_encoder_is_encoded_every_step_with_gradients(tiny_cfg):
     cfg = tiny_cfg("model.finetune=lora", "model.train_text_encoder=true", "objective.name=mapo",
                    "reference.strategy=none", "data.num_pairs=4", "optim.batch_size=2")
-    trainer = Trainer(cfg)
+    trainer = build_trainer(cfg)
     assert not isinstance(trainer.setup.prompt_encoder, CachedPromptEncoder)
     with pytest.raises(ValueError, match="train_text_encoder"):
         CachedPromptEncoder(trainer.setup.bundle)
@@ -89,7 +90,7 @@ def test_heldout_eval_encodes_prompts_with_the_trained_text_encoder(tiny_cfg):
     """Held-out errors follow the text encoder's current weights, not the embeddings of step 0."""
     cfg = tiny_cfg("model.finetune=lora", "model.train_text_encoder=true", "objective.name=mapo",
                    "reference.strategy=none", "train.eval_every=1")
-    trainer = Trainer(cfg)
+    trainer = build_trainer(cfg)
     before = trainer.heldout.evaluate()
     assert before["heldout/margin_mean"] == 0.0
     lora = [p for n, p in trainer.setup.bundle.text_encoders[0].named_parameters() if "lora_B" in n]

@@ -556,7 +556,7 @@ def test_offline_training_on_messy_parquet_reports_dropped_rows(tmp_path):
     import mlflow
     from diffalign.config import load_config
     from diffalign.data.factory import open_pair_dataset
-    from diffalign.train.run import run_offline
+    from diffalign.train.driver import run
 
     path = tmp_path / "pairs.parquet"
     write_parquet(path, messy_rows() + numbered_rows(5), row_group_size=4)
@@ -571,7 +571,7 @@ def test_offline_training_on_messy_parquet_reports_dropped_rows(tmp_path):
     assert [r.prompt for r in held.records] == ["p3", "p4"]
     assert_red_over_blue(train[0])
 
-    summary = run_offline(cfg)
+    summary = run(cfg)
     assert summary["final_step"] == 2 and 0 <= summary["heldout/implicit_acc"] <= 1
     mlflow.set_tracking_uri(f"sqlite:///{out / 'mlflow.db'}")
     run = mlflow.search_runs(experiment_names=["messy"], output_format="list")[0]
@@ -634,7 +634,7 @@ def test_read_ahead_returns_what_a_plain_read_does_and_reads_in_threads():
 def test_random_crops_change_per_epoch_and_reader_threads_train_identically(tmp_path):
     from diffalign.config import ConfigError, load_config
     from diffalign.data.factory import open_pair_dataset
-    from diffalign.train.loop import Trainer
+    from diffalign.train.driver import build_trainer
     from diffalign.train.read_ahead import read_items
 
     path = tmp_path / "pairs.parquet"
@@ -654,7 +654,7 @@ def test_random_crops_change_per_epoch_and_reader_threads_train_identically(tmp_
     for workers in (0, 2):
         out = f"train.output_dir={tmp_path}/w{workers}"
         c = load_config(None, [*base, out, f"data.num_workers={workers}"])
-        trainer = Trainer(c)
+        trainer = build_trainer(c)
         losses = [trainer.train_step()["loss"] for _ in range(4)]  # 16 items over 6: epochs 0-2
         trainer.reader.close()
         runs[workers] = (losses, trainer.trainable_weights())

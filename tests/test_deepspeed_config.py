@@ -71,7 +71,7 @@ SCRIPT = textwrap.dedent("""
     from diffalign.config import load_config
     from diffalign.models.weights import state_fingerprint
     from diffalign.train.engine import build_optimizer
-    from diffalign.train.loop import Trainer
+    from diffalign.train.driver import build_trainer
     from diffalign.train.setup import build_setup
     from diffalign.actors.deepspeed_engine import DeepSpeedEngineAdapter, optimizer_step_count
     from diffalign.actors.learner import restore_worker_checkpoint, write_worker_checkpoint
@@ -91,7 +91,7 @@ SCRIPT = textwrap.dedent("""
             params = [p for g in setup.param_groups for p in g["params"]]
             opt = build_optimizer(setup.param_groups, cfg.optim)
             engine = DeepSpeedEngineAdapter(setup.bundle.unet, params, opt, cfg, world_size=1)
-        return Trainer(cfg, setup=setup, engine=engine, checkpoint_dir=tempfile.mkdtemp())
+        return build_trainer(cfg, setup=setup, engine=engine, checkpoint_dir=tempfile.mkdtemp())
 
     res = {}
     a = trainer()
@@ -164,8 +164,9 @@ def test_zero2_two_ray_workers_resume_exactly_after_a_failure(ray_local, tiny_cf
 
 def test_learner_rejects_zero3(tiny_cfg):
     from diffalign.actors.learner import build_engine
+    from diffalign.train.driver import Runtime
 
     cfg = tiny_cfg("ray.backend=deepspeed", "ray.zero_stage=3")
     with pytest.raises(ValueError, match="zero_stage=3"):
         fake_setup = type("S", (), {"param_groups": [], "bundle": None})()
-        build_engine(cfg, setup=fake_setup, world_size=1, device=None)
+        build_engine(cfg, fake_setup, Runtime(world_size=1))

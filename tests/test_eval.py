@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from diffalign.eval import (
+    SCORERS,
     DinoSimilarity,
     ImageEmbedder,
     RewardMLP,
@@ -22,8 +23,9 @@ from diffalign.eval import (
     win_rate_stats,
     win_rate_table,
 )
-from diffalign.eval.scorers import AESTHETIC_HEAD, IMAGEREWARD_HEAD, load_head_state_dict
-from diffalign.eval.tiny_scorers import TINY_PROJECTION, save_head, save_tiny_scorer
+from diffalign.models.reward_heads import AESTHETIC_HEAD, IMAGEREWARD_HEAD, load_head_state_dict
+from diffalign.models.tiny.scorers import TINY_PROJECTION, save_head, save_tiny_scorer
+from diffalign.specs import SCORER_NAMES as SPEC_SCORER_NAMES
 from PIL import Image
 
 SCORER_NAMES = ["pickscore", "clip", "hpsv2", "aesthetic", "imagereward", "dino"]
@@ -205,6 +207,12 @@ def test_reward_mlp_layout() -> None:
     assert [m.out_features for m in mlp.layers if isinstance(m, torch.nn.Linear)] == [1024, 128, 64, 16, 1]
     with pytest.raises(ValueError, match="layers.7.weight"):
         RewardMLP.from_state_dict({k: v for k, v in mlp.state_dict().items() if not k.startswith("layers.7")})
+
+
+def test_registry_names_are_the_spec_names() -> None:
+    # The config validates scorer names against diffalign.specs without importing the scorers.
+    assert tuple(sorted(SCORERS)) == SPEC_SCORER_NAMES
+    assert set(SCORER_NAMES) == set(SCORERS)
 
 
 def test_registry_errors(tiny_dirs: dict[str, Path], tmp_path: Path) -> None:

@@ -10,21 +10,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from diffalign.config import load_config
+from diffalign.config import ConfigError, load_config
 from diffalign.data.synthetic import SyntheticPairs
-from diffalign.eval.evaluate import (
-    comparison_grid,
-    evaluate_policy,
-    generate_images,
-    load_prompts,
-    mismatch_probe,
-    parse_scorers,
-    parse_seeds,
-    resolve_weights,
-)
-from diffalign.eval.tiny_scorers import save_tiny_scorer
+from diffalign.eval.harness import comparison_grid, evaluate_policy
+from diffalign.eval.policy_weights import resolve_weights
+from diffalign.eval.probe import mismatch_probe
 from diffalign.models.lora import add_lora, save_lora
-from diffalign.models.tiny import build_tiny_bundle
+from diffalign.models.sampling import generate_images
+from diffalign.models.tiny.diffusion import build_tiny_bundle
+from diffalign.models.tiny.scorers import save_tiny_scorer
+from diffalign.specs import load_prompts, parse_scorers, parse_seeds
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["a red car", "a city at night"]
@@ -181,6 +176,10 @@ def test_mismatch_probe_reports_distance_floor_and_note(assets, tmp_path):
     assert "mismatch" in near["note"]
 
 
+def _sets(*overrides: str) -> list[str]:
+    return [arg for o in overrides for arg in ("--set", o)]
+
+
 def test_recipe_cli_evaluates_and_probes(assets, tmp_path, monkeypatch, capsys):
     import runpy
 
@@ -190,19 +189,68 @@ def test_recipe_cli_evaluates_and_probes(assets, tmp_path, monkeypatch, capsys):
               "--set", "tracking.mlflow=false"]
     (tmp_path / "prompts.txt").write_text("a red car\na bowl of fruit\n")
     monkeypatch.setattr(sys, "argv", common + [
-        "--weights", str(assets["trained_unet"]), "--prompts", str(tmp_path / "prompts.txt"),
-        "--max-prompts", "1", "--seeds", "3", "--scorers", f"clip:{assets['clip']}",
-        "--out", str(tmp_path / "e"),
+        *_sets(f"eval.weights={assets['trained_unet']}", f"eval.prompts={tmp_path / 'prompts.txt'}",
+               "eval.max_prompts=1", "eval.seeds=3", f"eval.scorers=clip:{assets['clip']}",
+               f"eval.out={tmp_path / 'e'}"),
     ])
     runpy.run_path("recipes/evaluate.py", run_name="__main__")
     result = json.loads((tmp_path / "e" / "evaluation.json").read_text())
     assert result["num_items"] == 1 and result["seeds"] == [3]
     assert result["prompt_source"].endswith("prompts.txt")
     monkeypatch.setattr(sys, "argv", common + [
-        "--set", "data.num_pairs=4", "--probe-mismatch", str(assets["clip"]), "--probe-n", "2",
-        "--out", str(tmp_path / "p"),
+        *_sets("data.num_pairs=4", "eval.probe_only=true", f"data.mismatch_probe={assets['clip']}",
+               "data.mismatch_probe_n=2", f"eval.out={tmp_path / 'p'}"),
     ])
     runpy.run_path("recipes/evaluate.py", run_name="__main__")
     probe = json.loads((tmp_path / "p" / "mismatch.json").read_text())
     assert probe["n_base"] == 2 and "mismatch" in probe["note"]
     assert "mismatch" in capsys.readouterr().out
+
+
+def test_recipe_without_weights_or_scorers_exits_2_naming_the_fields(assets, monkeypatch, capsys):
+    import runpy
+
+    monkeypatch.syspath_prepend(str(ROOT / "recipes"))
+    monkeypatch.chdir(ROOT)
+    common = ["recipes/evaluate.py", "--config", "configs/tiny/evaluate.yaml",
+              "--set", "tracking.mlflow=false"]
+    for extra, named, unnamed in (([], ("eval.weights", "eval.scorers"), ()),
+                                  (_sets(f"eval.weights={assets['trained_unet']}"), ("eval.scorers",),
+                                   ("eval.weights",))):
+        monkeypatch.setattr(sys, "argv", common + extra)
+        with pytest.raises(SystemExit) as exit_info:
+            runpy.run_path("recipes/evaluate.py", run_name="__main__")
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err.split("must be set")[0]
+        assert all(f in err for f in named) and not any(f in err for f in unnamed)
+
+
+@pytest.mark.parametrize("overrides, field", [
+    (["eval.batch_size=0"], "eval.batch_size"),
+    (["eval.grid_prompts=0"], "eval.grid_prompts"),
+    (["eval.max_prompts=0"], "eval.max_prompts"),
+    (["eval.steps=0"], "eval.steps"),
+    (["eval.seeds=a-b"], "eval.seeds"),
+    (["eval.seeds=1,1"], "eval.seeds"),
+    (["eval.scorers=bogus"], "eval.scorers='bogus'"),
+    (["eval.scorers=clip,clip"], "eval.scorers"),
+    (["eval.scorers=clip:/no/such/clip"], "eval.scorers clip: path"),
+    (["eval.scorers=dino"], "eval.references"),
+    (["eval.probe_only=true"], "data.mismatch_probe"),
+    (["eval.weights=/no/such/weights"], "eval.weights"),
+    (["eval.prompts=/no/prompts.txt"], "eval.prompts"),
+    (["eval.scorers=dino", "eval.references=/no/refs"], "eval.references"),
+])
+def test_bad_eval_config_fails_naming_the_field(overrides, field):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    assert field in str(err.value)
+
+
+def test_eval_config_paths_are_checked_only_with_check_paths(assets):
+    sets = ["eval.weights=/no/such/weights", "eval.scorers=clip:/no/such/clip", "eval.prompts=/no/p.txt"]
+    cfg = load_config(None, sets, validate_paths=False)
+    assert cfg.eval.weights == "/no/such/weights"
+    ok = load_config(None, [f"eval.weights={assets['trained_unet']}", f"eval.references={assets['root']}",
+                            f"eval.scorers=clip:{assets['clip']},dino", "eval.seeds=0-3", "eval.steps=2"])
+    assert ok.eval.scorers.startswith("clip:") and ok.eval.steps == 2

@@ -9,6 +9,7 @@ import copy
 import pytest
 import torch
 from diffalign.train.checkpoint import load_checkpoint
+from diffalign.train.driver import build_trainer
 from diffalign.train.guards import ROLLBACK, SKIP, StabilityGuard
 from diffalign.train.loop import Trainer, TrainingDiverged
 
@@ -29,7 +30,8 @@ class Faults:
         self.trainer: Trainer | None = None
         self.calls: list[tuple[int, bool, dict]] = []  # (step, corrupted, weights before the step)
 
-    def before_backward(self, step: int, loss: torch.Tensor) -> torch.Tensor:
+    def on_before_backward(self, trainer, loss: torch.Tensor) -> torch.Tensor:
+        step = trainer.step + 1
         fault = self.loss_faults.get(step)
         corrupt = bool(fault and fault[1] > 0)
         weights = {k: v.clone() for k, v in self.trainer.trainable_weights().items()}
@@ -39,7 +41,8 @@ class Faults:
             return loss * fault[0]
         return loss
 
-    def after_backward(self, step: int, params) -> None:
+    def on_after_backward(self, trainer, params) -> None:
+        step = trainer.step + 1
         if self.grad_faults.get(step, 0) > 0:
             self.grad_faults[step] -= 1
             params[0].grad.view(-1)[0] = float("nan")
@@ -69,7 +72,7 @@ class Events:
 def _make(tiny_cfg, *overrides, faults: Faults | None = None):
     rec = Events()
     faults = faults or Faults()
-    trainer = Trainer(tiny_cfg(*GUARDED, *overrides), hooks=faults, callbacks=[rec])
+    trainer = build_trainer(tiny_cfg(*GUARDED, *overrides), callbacks=[faults, rec])
     faults.trainer = trainer
     return trainer, faults, rec
 

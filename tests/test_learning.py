@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 
 import pytest
-from diffalign.train.loop import Trainer
+from diffalign.train.driver import build_trainer
 
 STEPS, LR = 30, 1e-3
 
@@ -30,7 +30,7 @@ CASES = {
     "mapo": ["objective.name=mapo", "objective.beta=1000", "objective.margin_weight=0.1",
              "objective.snr_value=0.5", "reference.strategy=none"],
     "xdpo": ["objective.name=xdpo", "objective.beta=1000", "objective.eta=0.05",
-             "objective.xdpo_gamma=0.16666667", "objective.n=6", "reference.strategy=frozen"],
+             "objective.gamma=0.16666667", "objective.n=6", "reference.strategy=frozen"],
     "dpo-threshold-skewed": ["objective.name=dpo", "objective.beta=5000",
                              "reference.strategy=periodic_threshold", "reference.tau=3",
                              "reference.delta=0.1",
@@ -47,7 +47,7 @@ def test_objective_learns_the_colour_preference(tiny_cfg, case, record_property)
     cfg = tiny_cfg(f"train.max_steps={STEPS}", f"optim.lr={LR}", "train.eval_every=1000",
                    "optim.batch_size=8", "data.num_pairs=32", "data.heldout_pairs=16", "model.finetune=full",
                    *CASES[case])
-    trainer = Trainer(cfg)
+    trainer = build_trainer(cfg)
     before = trainer.evaluate()["heldout/implicit_acc"]
     summary = trainer.fit()
     after = summary["heldout/implicit_acc"]

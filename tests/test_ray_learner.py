@@ -17,7 +17,7 @@ from diffalign.actors.learner import (
 from diffalign.actors.resources import check_fits, placement_bundles, total_resources, validate_resources
 from diffalign.config import ConfigError
 from diffalign.models.weights import state_fingerprint
-from diffalign.train.loop import Trainer
+from diffalign.train.driver import build_trainer
 
 TWO_LEARNERS = ("ray.num_learners=2", "train.checkpoint_every=2", "optim.batch_size=2", "data.num_pairs=16")
 
@@ -43,12 +43,12 @@ def test_effective_steps_drops_work_redone_after_a_restore():
 
 def test_worker_checkpoint_resumes_exactly(tiny_cfg, tmp_path):
     cfg = tiny_cfg("optim.batch_size=2", "data.num_pairs=8")
-    a = Trainer(cfg, checkpoint_dir=tmp_path / "a")
+    a = build_trainer(cfg, checkpoint_dir=tmp_path / "a")
     a.train_step()
     folder = write_worker_checkpoint(a, tmp_path / "ckpt", rank=0, world_size=1)
     assert {p.name for p in folder.iterdir()} == {"weights.safetensors", "state.pt", "rank-0.pt"}
     losses = [a.train_step()["loss"] for _ in range(2)]
-    b = Trainer(cfg, checkpoint_dir=tmp_path / "b")
+    b = build_trainer(cfg, checkpoint_dir=tmp_path / "b")
     restore_worker_checkpoint(b, folder, rank=0)
     assert b.step == 1
     assert [b.train_step()["loss"] for _ in range(2)] == losses
@@ -97,16 +97,11 @@ def test_placement_bundles_and_validation(tiny_cfg):
 
 def _trainer(cfg, placement: str):
     from diffalign.actors.reference_actor import RemoteReference, spawn_reference_actor
-    from diffalign.train.setup import build_setup
 
     if placement == "colocated":
-        return Trainer(cfg), None
+        return build_trainer(cfg), None
     actor = spawn_reference_actor(cfg)
-    remote = RemoteReference(actor, cfg)
-    torch.manual_seed(cfg.train.seed)
-    setup = build_setup(cfg, reference=remote)
-    remote.bind(setup.bundle.unet)
-    return Trainer(cfg, setup=setup), actor
+    return build_trainer(cfg, reference=RemoteReference(actor, cfg)), actor
 
 
 @pytest.mark.parametrize("strategy,finetune", [("frozen", "lora"), ("periodic", "full")])
@@ -165,7 +160,7 @@ def test_two_ddp_learners_with_reference_actor(ray_local, tiny_cfg):
     assert out["metrics"]["ref/version"] == 2.0  # the actor updated at steps 2 and 4
     assert out["ranks_in_sync"] and len(out["rank_fingerprints"]) == 2
     assert out["checkpoint"] is not None
-    fresh = Trainer(tiny_cfg(*TWO_LEARNERS, "reference.strategy=periodic", "reference.tau=2"))
+    fresh = build_trainer(tiny_cfg(*TWO_LEARNERS, "reference.strategy=periodic", "reference.tau=2"))
     fresh.restore(out["checkpoint"])
     assert fresh.step == 4 and fresh.setup.reference.version == 2
     assert state_fingerprint(fresh.trainable_weights()) == out["rank_fingerprints"][0]

@@ -40,7 +40,8 @@ def _lora_cfg(tiny_cfg, *extra: str):
 
 
 def test_sampler_generates_versioned_latents(ray_local, tiny_cfg):
-    from diffalign.actors.sampler import SamplerPool, StaleSamplerError
+    from diffalign.actors.sampler import SamplerPool
+    from diffalign.actors.sampler_worker import StaleSamplerError
     from diffalign.train.setup import build_setup
 
     ray = ray_local
@@ -125,8 +126,10 @@ class KillSampler:
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["sync", "async"])
 def test_online_mapo_survives_sampler_restart(ray_local, tiny_cfg, tmp_path, mode):
-    from diffalign.actors.online import run_online_mapo
-    from diffalign.models.tiny import build_tiny_bundle
+    from diffalign.actors.cluster import ensure_ray
+    from diffalign.actors.online import OnlineData
+    from diffalign.models.tiny.diffusion import build_tiny_bundle
+    from diffalign.train.driver import run
 
     folder = _target_folder(tmp_path / "targets")
     cfg = _lora_cfg(
@@ -135,9 +138,10 @@ def test_online_mapo_survives_sampler_restart(ray_local, tiny_cfg, tmp_path, mod
         "train.max_steps=4", "train.checkpoint_every=100", "ray.sampler.probe_every=2", "optim.lr=1e-3",
     )
     kill = KillSampler(at=2)
-    summary = run_online_mapo(cfg, callbacks=[kill])
+    ensure_ray(cfg)
+    summary = run(cfg, device="cpu", data=OnlineData(), callbacks=[kill])
 
-    assert summary["steps"] == 4 and kill.steps == [1, 2, 3, 4], "a step was lost or repeated"
+    assert summary["final_step"] == 4 and kill.steps == [1, 2, 3, 4], "a step was lost or repeated"
     keys = ("staleness_mean", "staleness_max", "sampler_images_per_s", "buffer_size", "sync_version",
             "stale_dropped", "sampler_roundtrip_s")
     for m in kill.metrics:
@@ -154,7 +158,7 @@ def test_online_mapo_survives_sampler_restart(ray_local, tiny_cfg, tmp_path, mod
     assert summary["online/probe_max_abs_err"] < 1e-4
 
     pipe = build_tiny_bundle("sd15", seed=0).pipeline()
-    pipe.load_lora_weights(summary["policy_dir"])
+    pipe.load_lora_weights(summary["weights"])
     assert any("lora" in name for name, _ in pipe.unet.named_parameters())
     img = pipe(PROMPT, num_inference_steps=2, guidance_scale=3.0, height=32, width=32,
                generator=torch.Generator().manual_seed(0), output_type="pil").images[0]
@@ -169,7 +173,7 @@ def test_two_learners_sampler_and_reference_actor_online(ray_local, tiny_cfg, tm
 
     from diffalign.actors.learner import read_step_log, train_with_ray
     from diffalign.models.weights import state_fingerprint
-    from diffalign.train.loop import Trainer
+    from diffalign.train.driver import build_trainer
 
     folder = _target_folder(tmp_path / "targets")
     common = ("data.kind=folder", f"data.path={folder}", f"data.prompt={PROMPT}", "online.enabled=true",
@@ -189,7 +193,7 @@ def test_two_learners_sampler_and_reference_actor_online(ray_local, tiny_cfg, tm
     assert abs(losses[0] - math.log(2)) < 1e-3
     assert sum(losses[-3:]) / 3 < math.log(2) - 0.01, losses
 
-    fresh = Trainer(_lora_cfg(tiny_cfg, *common), train_data=[{}], heldout_data=None)
+    fresh = build_trainer(_lora_cfg(tiny_cfg, *common), train_data=[{}], heldout_data=None)
     fresh.restore(out["checkpoint"])
     assert fresh.step == 6
     assert state_fingerprint(fresh.trainable_weights()) == out["rank_fingerprints"][0]

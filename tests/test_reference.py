@@ -321,7 +321,7 @@ def test_state_dict_round_trip(policy, strategy):
 
 def test_resolve_reference_dtype_and_config_field():
     from diffalign.config import ConfigError, load_config
-    from diffalign.reference import resolve_reference_dtype
+    from diffalign.models.precision import resolve_reference_dtype
 
     assert resolve_reference_dtype("auto", "bf16", "cpu") == torch.float32
     assert resolve_reference_dtype("auto", "bf16", "cuda") == torch.bfloat16
@@ -379,13 +379,13 @@ def test_lora_reference_ignores_the_dtype():
 
 @pytest.mark.parametrize("mixed_precision", ["no", "bf16"])
 def test_bf16_reference_step_losses(tiny_cfg, mixed_precision):
-    from diffalign.train.loop import Trainer
+    from diffalign.train.driver import build_trainer
 
     base = ("objective.beta=500", "data.num_pairs=8", "optim.batch_size=4",
             f"model.mixed_precision={mixed_precision}")
     runs = {}
     for dtype in ("fp32", "bf16"):
-        trainer = Trainer(tiny_cfg(*base, f"reference.dtype={dtype}"))
+        trainer = build_trainer(tiny_cfg(*base, f"reference.dtype={dtype}"))
         ref_params = {q.dtype for q in trainer.setup.reference.ref_unet.parameters()}
         assert ref_params == {torch.bfloat16 if dtype == "bf16" else torch.float32}
         batch = trainer._micro_batch(0)
@@ -409,9 +409,9 @@ def test_bf16_reference_step_losses(tiny_cfg, mixed_precision):
 
 def test_step_requests_reference_errors_before_the_policy_forward(tiny_cfg):
     from diffalign.reference import PendingErrors
-    from diffalign.train.loop import Trainer
+    from diffalign.train.driver import build_trainer
 
-    trainer = Trainer(tiny_cfg("data.num_pairs=4", "optim.batch_size=2"))
+    trainer = build_trainer(tiny_cfg("data.num_pairs=4", "optim.batch_size=2"))
     step, unet = trainer.setup.step, trainer.engine.forward_module
     batch = trainer._micro_batch(0)
     plain = step(unet, batch, torch.Generator().manual_seed(3))

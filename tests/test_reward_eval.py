@@ -9,11 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 from diffalign.config import ConfigError, load_config
-from diffalign.eval.scorers import Scorer
-from diffalign.eval.tiny_scorers import save_tiny_scorer
-from diffalign.train.loop import Trainer
+from diffalign.eval.base import Scorer
+from diffalign.models.tiny.scorers import save_tiny_scorer
+from diffalign.train.driver import build_trainer, run
 from diffalign.train.reward_eval import RewardEvaluator
-from diffalign.train.run import run_offline
 from PIL import Image
 
 # 2 prompts x 2 seeds, 2 inference steps: four 32 px images per evaluation.
@@ -37,7 +36,7 @@ def scored_run(tmp_path_factory, clip_path):
     # A file store (conftest allows it): creating a sqlite store costs seconds of migrations.
     cfg = _cfg(root / "run", "tracking.mlflow=true", f"tracking.tracking_uri=file:{root}/mlruns",
                "train.score_every=2", f"tracking.scorers=clip:{clip_path}")
-    summary = run_offline(cfg, device="cpu")
+    summary = run(cfg, device="cpu")
     return cfg, summary
 
 
@@ -71,9 +70,9 @@ def test_scoring_leaves_training_unchanged_and_scores_reproduce(clip_path, tmp_p
     cfg_on = _cfg(tmp_path / "on", "tracking.mlflow=false", *score)
     cfg_off = _cfg(tmp_path / "off", "tracking.mlflow=false")
     evaluator = RewardEvaluator(cfg_on)
-    on = Trainer(cfg_on, callbacks=[evaluator])
+    on = build_trainer(cfg_on, callbacks=[evaluator])
     summary = on.fit()
-    off = Trainer(cfg_off)
+    off = build_trainer(cfg_off)
     off.fit()
     w_on, w_off = on.trainable_weights(), off.trainable_weights()
     assert w_on.keys() == w_off.keys()
@@ -103,7 +102,7 @@ class FailsAfterBaseline(Scorer):
 def test_a_failing_evaluation_is_logged_and_training_goes_on(tmp_path, caplog):
     cfg = _cfg(tmp_path / "run", "tracking.mlflow=false", "train.score_every=2", "tracking.scorers=clip")
     evaluator = RewardEvaluator(cfg, scorers={"brightness": FailsAfterBaseline()})
-    trainer = Trainer(cfg, callbacks=[evaluator])
+    trainer = build_trainer(cfg, callbacks=[evaluator])
     summary = trainer.fit()
     assert trainer.step == 4 and "score/brightness" not in summary
     assert "reward score at step 2 failed" in caplog.text

@@ -10,7 +10,7 @@ import torch
 from diffalign.data.collate import collate_pairs
 from diffalign.train.checkpoint import list_checkpoints
 from diffalign.train.data_order import BatchOrder
-from diffalign.train.loop import Trainer
+from diffalign.train.driver import build_trainer
 from diffalign.train.step import make_batch
 
 
@@ -53,19 +53,19 @@ def test_resume_is_bitwise_exact(tiny_cfg, tmp_path, case):
     k = 3
     extra = RESUME_CASES[case] + [f"train.checkpoint_every={k}", "optim.batch_size=2", "data.num_pairs=6",
                                   "optim.lr=1e-3"]
-    first = Trainer(tiny_cfg(*extra, f"train.max_steps={k}", f"train.output_dir={tmp_path}/split"))
+    first = build_trainer(tiny_cfg(*extra, f"train.max_steps={k}", f"train.output_dir={tmp_path}/split"))
     first.fit()
     assert first.step == k
     assert [p.name for p in list_checkpoints(first.checkpoint_dir)] == [f"checkpoint-{k}"]
 
     rec = Recorder()
-    resumed = Trainer(tiny_cfg(*extra, f"train.max_steps={2 * k}", f"train.output_dir={tmp_path}/split"),
-                      callbacks=[rec])
+    resumed = build_trainer(tiny_cfg(*extra, f"train.max_steps={2 * k}",
+                                     f"train.output_dir={tmp_path}/split"), callbacks=[rec])
     resumed.fit()
     assert rec.start_step == k and resumed.step == 2 * k
     assert len(rec.metrics) == k
 
-    whole = Trainer(tiny_cfg(*extra, f"train.max_steps={2 * k}", f"train.output_dir={tmp_path}/whole"))
+    whole = build_trainer(tiny_cfg(*extra, f"train.max_steps={2 * k}", f"train.output_dir={tmp_path}/whole"))
     whole.fit()
 
     w_resumed, w_whole = resumed.trainable_weights(), whole.trainable_weights()
@@ -82,7 +82,8 @@ def test_resume_is_bitwise_exact(tiny_cfg, tmp_path, case):
 
 
 def test_checkpoint_pruning_keeps_the_newest(tiny_cfg):
-    trainer = Trainer(tiny_cfg("train.max_steps=5", "train.checkpoint_every=1", "train.keep_checkpoints=2"))
+    trainer = build_trainer(tiny_cfg("train.max_steps=5", "train.checkpoint_every=1",
+                                     "train.keep_checkpoints=2"))
     trainer.fit()
     names = [p.name for p in list_checkpoints(trainer.checkpoint_dir)]
     assert names == ["checkpoint-4", "checkpoint-5"]
@@ -94,7 +95,7 @@ def test_checkpoint_pruning_keeps_the_newest(tiny_cfg):
 
 def test_metrics_per_step(tiny_cfg):
     rec = Recorder()
-    trainer = Trainer(tiny_cfg("train.max_steps=3", "optim.lr=2e-4"), callbacks=[rec])
+    trainer = build_trainer(tiny_cfg("train.max_steps=3", "optim.lr=2e-4"), callbacks=[rec])
     summary = trainer.fit()
     assert len(rec.metrics) == 3
     for m in rec.metrics:
@@ -115,7 +116,7 @@ def test_metrics_per_step(tiny_cfg):
 
 
 def test_heldout_accuracy_is_half_before_training(tiny_cfg):
-    trainer = Trainer(tiny_cfg("train.eval_every=2", "train.max_steps=2"))
+    trainer = build_trainer(tiny_cfg("train.eval_every=2", "train.max_steps=2"))
     before = trainer.evaluate()
     assert before["heldout/implicit_acc"] == 0.5
     assert before["heldout/margin_mean"] == 0.0
@@ -145,7 +146,7 @@ def test_batch_order_ranks_are_disjoint_and_cover_the_global_batch():
 
 def test_sdxl_family_trains(tiny_cfg):
     rec = Recorder()
-    trainer = Trainer(tiny_cfg("model.family=sdxl", "train.max_steps=2", "optim.batch_size=2",
+    trainer = build_trainer(tiny_cfg("model.family=sdxl", "train.max_steps=2", "optim.batch_size=2",
                                "data.num_pairs=4", "data.heldout_pairs=2"), callbacks=[rec])
     assert trainer.setup.bundle.family == "sdxl"
     before = trainer.trainable_weights()
@@ -156,7 +157,7 @@ def test_sdxl_family_trains(tiny_cfg):
 
 
 def test_bf16_autocast_on_cpu_gives_float32_loss(tiny_cfg):
-    trainer = Trainer(tiny_cfg("model.mixed_precision=bf16", "train.max_steps=2", "optim.batch_size=2"))
+    trainer = build_trainer(tiny_cfg("model.mixed_precision=bf16", "train.max_steps=2", "optim.batch_size=2"))
     assert trainer.setup.step.autocast_dtype == torch.bfloat16
     raw = collate_pairs([trainer.train_data[i] for i in range(2)])
     batch = make_batch(raw, trainer.setup.prompt_encoder, trainer.setup.latent_encoder, "cpu")
@@ -176,7 +177,7 @@ def test_ema_final_weights(tiny_cfg):
     decay = 0.5
     rec = Recorder(weights=True)
     cfg = tiny_cfg(f"train.ema_decay={decay}", "train.max_steps=3", "optim.lr=1e-3")
-    trainer = Trainer(cfg, callbacks=[rec])
+    trainer = build_trainer(cfg, callbacks=[rec])
     start = trainer.trainable_weights()
     trainer.fit()
     raw, final = trainer.trainable_weights(), trainer.final_weights()
@@ -192,7 +193,7 @@ def test_ema_final_weights(tiny_cfg):
 
 
 def test_without_ema_final_weights_are_the_trained_ones(tiny_cfg):
-    trainer = Trainer(tiny_cfg("train.max_steps=1"))
+    trainer = build_trainer(tiny_cfg("train.max_steps=1"))
     trainer.fit()
     assert _equal_states(trainer.final_weights(), trainer.trainable_weights())
 
@@ -202,7 +203,7 @@ def test_optimizer_is_fused_adamw_on_cpu_and_matches_the_reference_update(tiny_c
     from diffalign.train.engine import build_optimizer, fused_adamw_supported
 
     cfg = tiny_cfg()
-    trainer = Trainer(cfg)
+    trainer = build_trainer(cfg)
     assert trainer.engine.optimizer.defaults["fused"] is True
     assert not fused_adamw_supported([torch.zeros(2, dtype=torch.int64)])
 

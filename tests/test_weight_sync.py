@@ -20,7 +20,7 @@ from diffalign.actors.weight_sync import (
     verify_probe,
 )
 from diffalign.models.lora import TEXT_TARGETS, add_lora
-from diffalign.models.tiny import build_tiny_bundle
+from diffalign.models.tiny.diffusion import build_tiny_bundle
 from diffalign.models.weights import state_fingerprint
 
 

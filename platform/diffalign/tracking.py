@@ -111,3 +111,90 @@ def attached_tracker(trainer) -> MlflowTracker | None:
         if isinstance(tracker, MlflowTracker):
             return tracker
     return None
+
+
+# --------------------------------------------------------------------------- the run record
+
+RUN_RECORD = "mlflow_run.json"
+
+
+def record_path(cfg: RunConfig) -> Path:
+    return Path(cfg.train.output_dir) / RUN_RECORD
+
+
+def read_record(cfg: RunConfig) -> dict:
+    """{"run_id", "status", "weights"} of the run in cfg.train.output_dir ({} if none yet)."""
+    path = record_path(cfg)
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def write_record(cfg: RunConfig, record: dict) -> None:
+    path = record_path(cfg)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=2))
+    tmp.replace(path)  # a process killed mid-write must not leave half a record
+
+
+def prepare_record(cfg: RunConfig, resuming: bool) -> None:
+    """Before a run starts: a fresh run gets a fresh MLflow run (an earlier run's record is dropped);
+    a resumed Ray run continues the MLflow run it had."""
+    if not resuming:
+        record_path(cfg).unlink(missing_ok=True)
+
+
+def mark_failed(cfg: RunConfig) -> None:
+    """When a run raised outside the process that logs it: the MLflow run it left open ends FAILED."""
+    record = read_record(cfg)
+    if record.get("status") != "RUNNING":
+        return
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(tracking_uri=tracking_uri(cfg)).set_terminated(record["run_id"], "FAILED")
+    write_record(cfg, {**record, "status": "FAILED"})
+
+
+class MlflowRun:
+    """Trainer callback owning rank 0's MLflow run: opened at `on_start` (or earlier by `open()`, for
+    what is logged before training), continued if `<output_dir>/mlflow_run.json` names a run (a
+    worker that Ray Train restarted), closed FINISHED once the final weights are logged."""
+
+    def __init__(self, cfg: RunConfig) -> None:
+        self.cfg = cfg
+        self.tracker: MlflowTracker | None = None
+        self.closed = False
+
+    @property
+    def run_id(self) -> str | None:
+        return self.tracker.run_id if self.tracker is not None else None
+
+    def open(self) -> MlflowTracker:
+        if self.tracker is None:
+            run_id = read_record(self.cfg).get("run_id")  # set: a restarted worker continues its run
+            self.tracker = MlflowTracker(self.cfg, run_id=run_id)
+            write_record(self.cfg, {"run_id": self.tracker.run_id, "status": "RUNNING", "weights": None})
+        return self.tracker
+
+    def on_start(self, trainer) -> None:
+        self.open().on_start(trainer)
+
+    def on_step(self, trainer, metrics: dict) -> None:
+        self.tracker.on_step(trainer, metrics)
+
+    def on_event(self, trainer, event: dict) -> None:
+        self.tracker.on_event(trainer, event)
+
+    def on_end(self, trainer, summary: dict) -> None:
+        self.tracker.on_end(trainer, summary)
+
+    def on_weights_saved(self, trainer, weights: Path) -> None:
+        self.tracker.log_artifacts(weights, f"weights/{weights.name}")
+        self.close("FINISHED", weights)
+
+    def close(self, status: str, weights: Path | None = None) -> None:
+        if self.tracker is None or self.closed:
+            return
+        self.tracker.close(status)
+        self.closed = True
+        write_record(self.cfg, {"run_id": self.tracker.run_id, "status": status,
+                                "weights": str(weights) if weights else None})

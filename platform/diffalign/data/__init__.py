@@ -10,7 +10,8 @@ from diffalign.data.latent_cache import (
     encode_latents,
     precompute_latents,
 )
-from diffalign.data.pickapic import MaterializedPairs, PairStream, PickAPicPairs, shard_bounds
+from diffalign.data.pickapic import PickAPicPairs
+from diffalign.data.stream import MaterializedPairs, PairStream, shard_bounds
 from diffalign.data.transforms import PairTransform, decode_image, to_pil, to_tensor
 
 __all__ = [

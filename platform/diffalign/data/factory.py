@@ -14,7 +14,8 @@ import logging
 
 from diffalign.config import RunConfig
 from diffalign.data.files import PairFileDataset
-from diffalign.data.pickapic import MaterializedPairs, PairStream, PickAPicPairs
+from diffalign.data.pickapic import PickAPicPairs
+from diffalign.data.stream import MaterializedPairs, PairStream
 
 log = logging.getLogger(__name__)
 

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import csv
 import json
+import random
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-
-from torch.utils.data import Dataset
 
 from diffalign.data.issues import (
     MALFORMED_ROW,
@@ -20,8 +19,8 @@ from diffalign.data.issues import (
     check_on_error,
     describe,
 )
-from diffalign.data.pickapic import PairStream, RawPair
-from diffalign.data.transforms import IMAGE_EXTENSIONS, PairTransform, decode_image, item_rng
+from diffalign.data.stream import EpochItems, PairStream, RawPair
+from diffalign.data.transforms import IMAGE_EXTENSIONS, PairTransform, decode_image
 
 
 class PairFileDataset(PairStream):
@@ -145,7 +144,7 @@ class PairFileDataset(PairStream):
         return path if path.is_absolute() else self.base_dir / path
 
 
-class ImageFolderDataset(Dataset):
+class ImageFolderDataset(EpochItems):
     """A folder of images (jpg/png/webp/bmp) that all share one prompt, e.g. "a photo of sks dog".
 
     Yields ``{"prompt", "image", "original_size", "crop_top_left"}`` (chosen images only; rejected
@@ -211,16 +210,8 @@ class ImageFolderDataset(Dataset):
         if self.issues.total:
             self.issues.log_summary(prefix=f"{self.folder}: ")
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        return self.item(i, self.epoch)
-
-    def item(self, i: int, epoch: int) -> dict[str, Any]:
-        """Image i with the crop / flip of `epoch` (no state changed: safe from reader threads)."""
-        item = self.transform.single(decode_image(self.paths[i]), item_rng(self.seed, epoch, i))
-        return {"prompt": self.prompt, **item}
+    def _make_item(self, i: int, rng: random.Random) -> dict[str, Any]:
+        return {"prompt": self.prompt, **self.transform.single(decode_image(self.paths[i]), rng)}

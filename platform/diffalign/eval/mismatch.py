@@ -4,96 +4,27 @@ Reference-based objectives such as Diffusion-DPO keep the policy close to the ba
 preference data's chosen images lie far from what the base model generates (a new style, a new
 domain), that anchor pulls against the data, and the reference-free MaPO objective is the better fit.
 This probe measures the gap: the mean cosine distance ``1 - cos`` between embeddings of base-model
-samples and of the dataset's chosen images, in a CLIP or DINOv2 embedding space.
+samples and of the dataset's chosen images, in a CLIP or DINOv2 embedding space. This module holds the
+math; `diffalign.eval.probe` samples the base model and runs it.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch import Tensor, nn
+from torch import Tensor
 
 # A heuristic for CLIP/DINOv2 spaces, not a calibrated constant: compare against the distance between two
 # independent sets of base samples (the floor) before trusting it.
 DEFAULT_MISMATCH_THRESHOLD = 0.3
 
-# An ImageEmbedder, anything with embed_images() (CLIP scorers, DinoSimilarity), or images -> (N, D).
+# diffalign.eval.embedding.ImageEmbedder, anything else with embed_images() (the CLIP scorers,
+# DinoSimilarity), or images -> (N, D).
 Embedder = Any
-
-
-class ImageEmbedder:
-    """Image embeddings from a CLIP (projected image features) or DINOv2-style (CLS token) model."""
-
-    def __init__(
-        self,
-        model: nn.Module,
-        processor: Any,
-        device: str | torch.device = "cpu",
-        dtype: torch.dtype = torch.float32,
-        batch_size: int = 16,
-    ) -> None:
-        self.device = torch.device(device)
-        self.dtype = dtype
-        self.batch_size = batch_size
-        self.model = model.to(device=self.device, dtype=dtype).eval()
-        # CLIP's image_processor lives inside its CLIPProcessor; DINOv2's processor is the image processor.
-        self.image_processor = getattr(processor, "image_processor", processor)
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        path: str | os.PathLike[str],
-        device: str | torch.device = "cpu",
-        dtype: torch.dtype = torch.float32,
-        batch_size: int = 16,
-    ) -> ImageEmbedder:
-        """Load a CLIPModel, CLIPVisionModelWithProjection or any AutoModel ViT (DINOv2) by path or hub id."""
-        from transformers import (
-            AutoConfig,
-            AutoImageProcessor,
-            AutoModel,
-            CLIPModel,
-            CLIPVisionModelWithProjection,
-        )
-
-        from diffalign.eval.scorers import _from_pretrained, resolve_path
-
-        p = resolve_path(path, None, "embedder")
-        model_type = AutoConfig.from_pretrained(p).model_type
-        cls_map = {"clip": CLIPModel, "clip_vision_model": CLIPVisionModelWithProjection}
-        model = _from_pretrained(cls_map.get(model_type, AutoModel), p, "embedder")
-        processor = _from_pretrained(AutoImageProcessor, p, "embedder processor")
-        return cls(model, processor, device=device, dtype=dtype, batch_size=batch_size)
-
-    def _embed_batch(self, pixel_values: Tensor) -> Tensor:
-        from transformers import CLIPModel, CLIPVisionModelWithProjection
-
-        if isinstance(self.model, CLIPModel):
-            out = self.model.get_image_features(pixel_values=pixel_values)
-            return out if isinstance(out, Tensor) else out.pooler_output
-        if isinstance(self.model, CLIPVisionModelWithProjection):
-            return self.model(pixel_values=pixel_values).image_embeds
-        return self.model(pixel_values=pixel_values).last_hidden_state[:, 0]
-
-    @torch.no_grad()
-    def embed_images(self, images: Sequence[Image.Image]) -> Tensor:
-        """L2-normalised embeddings ``(N, D)``, float32 on the CPU."""
-        images = [im if im.mode == "RGB" else im.convert("RGB") for im in images]
-        out = []
-        for start in range(0, len(images), self.batch_size):
-            px = self.image_processor(images=images[start : start + self.batch_size], return_tensors="pt")
-            emb = self._embed_batch(px["pixel_values"].to(self.device, self.dtype))
-            out.append(F.normalize(emb.float(), dim=-1).cpu())
-        if not out:
-            raise ValueError("no images to embed")
-        return torch.cat(out)
-
-    __call__ = embed_images
 
 
 def embed_images(embedder: Embedder, images: Sequence[Image.Image]) -> Tensor:

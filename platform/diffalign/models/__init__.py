@@ -15,7 +15,7 @@ _WHERE = {
     "Conditioning": "conditioning", "PromptEncoder": "conditioning",
     "Denoiser": "denoiser", "per_sample_mse": "denoiser",
     "load_bundle": "loading",
-    "build_tiny_bundle": "tiny",
+    "build_tiny_bundle": "tiny.diffusion",
     "WeightMismatchError": "weights", "check_state_dict": "weights",
     "load_trainable_state_dict": "weights", "trainable_state_dict": "weights",
 }

@@ -15,7 +15,7 @@ implemented as in Appendix C on the model-minus-reference error gap d = err - re
     inside = -0.5 * beta * weight * (g(d_w) - g(d_l))
     loss   = mean(-logsigmoid(inside))
 
-Defaults are the best row of the paper's Table 3 (eta = 0.05, n = 6, gamma = 1/6; ``xdpo_gamma``
+Defaults are the best row of the paper's Table 3 (eta = 0.05, n = 6, gamma = 1/6; ``objective.gamma``
 in configs) and beta = 1000 (Sec. 5.1). The optional per-sample ``weight`` (reward scale lambda(t))
 multiplies beta, as for Diffusion-DPO.
 

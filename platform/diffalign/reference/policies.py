@@ -28,29 +28,16 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 
 import torch
 
 from diffalign.models.conditioning import Conditioning
 from diffalign.models.denoiser import Denoiser
+from diffalign.models.precision import autocast
 from diffalign.models.weights import check_state_dict, is_lora_model, trainable_state_dict
 from diffalign.reference.divergence import estimate_reference_kl
-
-STRATEGIES = ("none", "frozen", "periodic", "periodic_threshold")
-ON_EXCEED = ("freeze", "reinit")
-REFERENCE_DTYPES = ("auto", "fp32", "bf16", "fp16")
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-_MIXED_PRECISION = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def resolve_reference_dtype(name: str, mixed_precision: str, device: torch.device | str) -> torch.dtype:
-    """`reference.dtype` -> torch dtype; auto = the mixed-precision dtype on GPU, float32 on CPU."""
-    if name not in REFERENCE_DTYPES:
-        raise ValueError(f"reference.dtype must be one of {REFERENCE_DTYPES}, got {name!r}")
-    if name != "auto":
-        return _DTYPES[name]
-    return _MIXED_PRECISION[mixed_precision] if torch.device(device).type == "cuda" else torch.float32
+from diffalign.reference.names import DEFAULT_DELTA, DEFAULT_ON_EXCEED, DEFAULT_TAU, ON_EXCEED, STRATEGIES
 
 
 class PendingErrors:
@@ -118,8 +105,9 @@ class ModelReference(ReferencePolicy):
 
     strategy = "frozen"
 
-    def __init__(self, policy_unet: torch.nn.Module, denoiser: Denoiser, tau: int = 1, delta: float = 0.0,
-                 on_exceed: str = "freeze", dtype: torch.dtype | None = None) -> None:
+    def __init__(self, policy_unet: torch.nn.Module, denoiser: Denoiser, tau: int = DEFAULT_TAU,
+                 delta: float = DEFAULT_DELTA, on_exceed: str = DEFAULT_ON_EXCEED,
+                 dtype: torch.dtype | None = None) -> None:
         super().__init__()
         self.policy = policy_unet
         self.denoiser = denoiser
@@ -150,9 +138,7 @@ class ModelReference(ReferencePolicy):
 
     def _compute(self, device: torch.device):
         """Autocast to a half-precision reference dtype (see module docstring), else as the caller runs."""
-        if self.dtype is None:
-            return nullcontext()
-        return torch.autocast(device_type=device.type, dtype=self.dtype)
+        return autocast(device, self.dtype)
 
     @contextmanager
     def _policy_with(self, state: dict[str, torch.Tensor] | None):
@@ -287,8 +273,8 @@ class ThresholdReference(ModelReference):
 
 
 def build_reference(strategy: str, policy_unet: torch.nn.Module | None = None,
-                    denoiser: Denoiser | None = None, tau: int = 32, delta: float = 0.005,
-                    on_exceed: str = "freeze", dtype: torch.dtype | None = None) -> ReferencePolicy:
+                    denoiser: Denoiser | None = None, tau: int = DEFAULT_TAU, delta: float = DEFAULT_DELTA,
+                    on_exceed: str = DEFAULT_ON_EXCEED, dtype: torch.dtype | None = None) -> ReferencePolicy:
     """Reference policy by name (see module docstring)."""
     if strategy not in STRATEGIES:
         raise ValueError(f"reference.strategy must be one of {STRATEGIES}, got {strategy!r}")

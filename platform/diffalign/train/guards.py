@@ -13,6 +13,8 @@ from collections import deque
 
 import torch
 
+from diffalign.config import GuardConfig
+
 OK, SKIP, ROLLBACK = "ok", "skip", "rollback"
 
 
@@ -24,8 +26,11 @@ def grads_finite(params) -> bool:
 
 
 class StabilityGuard:
-    def __init__(self, max_bad_steps: int = 3, spike_sigmas: float = 6.0, window: int = 50,
-                 min_history: int = 20, enabled: bool = True) -> None:
+    # Defaults are the config's (GuardConfig): written once, there.
+    def __init__(self, max_bad_steps: int = GuardConfig.max_bad_steps,
+                 spike_sigmas: float = GuardConfig.spike_sigmas, window: int = GuardConfig.spike_window,
+                 min_history: int = GuardConfig.spike_min_history,
+                 enabled: bool = GuardConfig.enabled) -> None:
         self.max_bad_steps, self.spike_sigmas = max_bad_steps, spike_sigmas
         self.min_history, self.enabled = min_history, enabled
         self.history: deque[float] = deque(maxlen=window)

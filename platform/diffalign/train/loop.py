@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -17,8 +18,9 @@ from tqdm.auto import tqdm
 
 from diffalign.config import RunConfig
 from diffalign.data.collate import collate_pairs
+from diffalign.models.sampling import generate, image_grid
 from diffalign.models.weights import load_trainable_state_dict, trainable_state_dict
-from diffalign.train.cache import CachedPairs, prefill_prompt_cache
+from diffalign.train.cache import CachedPairs
 from diffalign.train.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
@@ -28,12 +30,11 @@ from diffalign.train.checkpoint import (
 )
 from diffalign.train.data_order import BatchOrder
 from diffalign.train.diagnostics import TimestepBins
-from diffalign.train.engine import TorchEngine, build_optimizer
 from diffalign.train.guards import OK, ROLLBACK, StabilityGuard
 from diffalign.train.heldout import HeldoutEvaluator
+from diffalign.train.protocols import BatchSource, Engine
 from diffalign.train.read_ahead import ReadAhead, read_items
-from diffalign.train.sampling import generate, image_grid
-from diffalign.train.setup import Setup, build_datasets, build_setup
+from diffalign.train.setup import Setup
 from diffalign.train.step import make_batch
 
 log = logging.getLogger(__name__)
@@ -45,35 +46,20 @@ class TrainingDiverged(RuntimeError):
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, setup: Setup | None = None, train_data=None, heldout_data=None,
-                 callbacks: list | None = None, hooks=None, engine=None, rank: int = 0, world_size: int = 1,
-                 device: torch.device | str = "cpu", checkpoint_dir: str | Path | None = None,
-                 batch_source=None) -> None:
+    """The loop over built parts. `diffalign.train.driver.build_trainer` builds them from a config
+    and a `Runtime` (device, rank, engine, reference, data, callbacks): the one place that does."""
+
+    def __init__(self, cfg: RunConfig, setup: Setup, engine: Engine, train_data, heldout_data=None,
+                 batch_source: BatchSource | None = None, callbacks: Sequence = (), rank: int = 0,
+                 world_size: int = 1, device: torch.device | str = "cpu",
+                 checkpoint_dir: str | Path | None = None, data_issues=None) -> None:
         self.cfg, self.rank, self.world_size, self.device = cfg, rank, world_size, torch.device(device)
-        torch.manual_seed(cfg.train.seed)
-        self.setup = setup or build_setup(cfg, self.device)
-        if train_data is None:
-            train_data, heldout_data = build_datasets(cfg)
+        self.setup, self.engine, self.train_data = setup, engine, train_data
         # Bad-input account of the readers (ties, unreadable images, ...), for the run record.
-        self.data_issues = getattr(train_data, "issues", None)
-        if cfg.data.cache_latents and not cfg.online.enabled and "chosen" in train_data[0]:
-            train_data = CachedPairs(
-                train_data, self.setup.latent_encoder, progress=self.is_main and cfg.train.progress
-            )
-        prefill_prompt_cache(self.setup.prompt_encoder, train_data)
-        self.train_data = train_data
-        self.callbacks = list(callbacks or [])
+        self.data_issues = data_issues
+        self.callbacks = list(callbacks)
         # batch_source(items, micro_step) -> collated batch; online MaPO adds on-policy rejected samples here.
         self.batch_source = batch_source or (lambda items, micro_step: collate_pairs(items))
-        self.hooks = hooks
-        params = [p for g in self.setup.param_groups for p in g["params"]]
-        self.engine = engine or TorchEngine(
-            self.setup.bundle.unet,
-            params,
-            build_optimizer(self.setup.param_groups, cfg.optim),
-            cfg.optim,
-            cfg.train.max_steps,
-        )
         g = cfg.guard
         self.guard = StabilityGuard(
             g.max_bad_steps, g.spike_sigmas, g.spike_window, g.spike_min_history, g.enabled
@@ -96,6 +82,21 @@ class Trainer:
         self.ema = trainable_state_dict(self.setup.bundle.unet) if cfg.train.ema_decay else None
         self.last_metrics: dict[str, float] = {}
         self.events: list[dict] = []
+        self.release = None  # set by the builder: frees what the data holds (sampler pools)
+
+    def close(self) -> None:
+        """Stops the reader threads and releases the data's resources (idempotent)."""
+        self.reader.close()
+        release, self.release = self.release, None
+        if release is not None:
+            release()
+
+    def emit(self, event: str, *args) -> None:
+        """Calls `event` on every callback that defines it, in order."""
+        for cb in self.callbacks:
+            handler = getattr(cb, event, None)
+            if handler is not None:
+                handler(self, *args)
 
     @property
     def is_main(self) -> bool:
@@ -139,8 +140,7 @@ class Trainer:
             self.state(),
             keep=self.cfg.train.keep_checkpoints,
         )
-        for cb in self.callbacks:
-            getattr(cb, "on_checkpoint", lambda *a: None)(self, path)
+        self.emit("on_checkpoint", path)
         return path
 
     def restore(self, path: str | Path, rollback: bool = False) -> None:
@@ -178,16 +178,16 @@ class Trainer:
             batch = self._micro_batch(self.step * accum + micro)
             res = self.setup.step(self.engine.forward_module, batch, self.generator)
             loss = res.loss
-            if self.hooks is not None and hasattr(self.hooks, "before_backward"):
-                loss = self.hooks.before_backward(self.step + 1, loss)
+            for cb in self.callbacks:  # may replace the loss the guards and metrics see
+                if hasattr(cb, "on_before_backward"):
+                    loss = cb.on_before_backward(self, loss)
             self.engine.backward(loss / accum)
             loss_sum += float(loss.detach()) / accum
             for k, v in res.out.metrics.items():
                 metrics_acc[k] = metrics_acc.get(k, 0.0) + v / accum
             self.bins.update(res.timesteps, res.out.margin)
             probe = res.probe
-        if self.hooks is not None and hasattr(self.hooks, "after_backward"):
-            self.hooks.after_backward(self.step + 1, self.engine.params)
+        self.emit("on_after_backward", self.engine.params)
         # The global norm is non-finite iff some gradient is: one reduction instead of a check per tensor.
         grad_norm = self.engine.grad_norm_and_clip()
         verdict = self.guard.check(loss_sum, math.isfinite(grad_norm))
@@ -244,8 +244,7 @@ class Trainer:
         else:
             log.warning("skipped step %d: %s", self.step + 1, self.guard.last_reason)
         self.events.append(event)
-        for cb in self.callbacks:
-            getattr(cb, "on_event", lambda *a: None)(self, event)
+        self.emit("on_event", event)
 
     # ------------------------------------------------------------------ eval and samples
 
@@ -270,8 +269,7 @@ class Trainer:
             log.info("resumed from %s at step %d", ckpt, self.step)
         if self.is_main and cfg.guard.enabled and latest_checkpoint(self.checkpoint_dir) is None:
             self.save()  # a rollback target exists from the start
-        for cb in self.callbacks:
-            getattr(cb, "on_start", lambda *a: None)(self)
+        self.emit("on_start")
         bar = tqdm(
             total=cfg.train.max_steps,
             initial=self.step,
@@ -294,8 +292,7 @@ class Trainer:
             ):
                 metrics.update(self.evaluate())
             self.last_metrics = metrics
-            for cb in self.callbacks:
-                getattr(cb, "on_step", lambda *a: None)(self, metrics)
+            self.emit("on_step", metrics)
             # After the callbacks: they may add metrics worth watching (reward scores).
             bar.set_postfix(
                 {k: f"{v:.3g}" for k, v in metrics.items() if k in PROGRESS_KEYS or k.startswith("score/")}
@@ -313,8 +310,7 @@ class Trainer:
         if self.heldout is not None and not any(k.startswith("heldout/") for k in summary):
             summary.update(self.evaluate())
         self.reader.close()
-        for cb in self.callbacks:
-            getattr(cb, "on_end", lambda *a: None)(self, summary)
+        self.emit("on_end", summary)
         return summary
 
     def final_weights(self) -> dict[str, torch.Tensor]:

@@ -32,7 +32,7 @@ def check_reference_mismatch(cfg: RunConfig, dataset, device: str | torch.device
     if not d.mismatch_probe:
         log.info(SKIPPED)
         return None
-    from diffalign.eval.evaluate import mismatch_probe
+    from diffalign.eval.probe import mismatch_probe
 
     result = mismatch_probe(cfg, dataset, d.mismatch_probe, n=d.mismatch_probe_n, device=device,
                             progress=cfg.train.progress)

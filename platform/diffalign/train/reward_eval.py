@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Mapping
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -28,20 +27,13 @@ from PIL import Image
 
 from diffalign.config import RunConfig
 from diffalign.data.synthetic import PROMPTS
-from diffalign.eval.evaluate import (
-    _build_scorers,
-    _default_guidance,
-    _default_steps,
-    _score_all,
-    generate_images,
-    load_prompts,
-    parse_scorers,
-    parse_seeds,
-)
-from diffalign.eval.scorers import Scorer
+from diffalign.eval.base import Scorer
+from diffalign.eval.base_model import default_guidance, default_steps
+from diffalign.eval.scorers import build_scorers, score_all
+from diffalign.models.precision import autocast, mixed_precision_dtype
+from diffalign.models.sampling import generate_images, image_grid
+from diffalign.specs import load_prompts, parse_scorers, parse_seeds
 from diffalign.tracking import attached_tracker
-from diffalign.train.sampling import image_grid
-from diffalign.train.setup import DTYPES
 
 log = logging.getLogger(__name__)
 GENERATE_BATCH = 8
@@ -72,7 +64,7 @@ class RewardEvaluator:
         if not trainer.is_main:
             return
         # Loaded here, not per evaluation; a bad checkpoint fails before the first step.
-        self.scorers = _build_scorers(self.spec, trainer.device, references=None)
+        self.scorers = build_scorers(self.spec, trainer.device, references=None)
         self.prompts = self._fixed_prompts(trainer)
         log.info("reward score every %d steps: %s on %d prompts x seeds %s", self.every,
                  ", ".join(self.scorers), len(self.prompts), self.seeds)
@@ -109,7 +101,7 @@ class RewardEvaluator:
         prompts = [p for p in self.prompts for _ in self.seeds]
         seeds = [s for _ in self.prompts for s in self.seeds]
         images = self._generate(trainer, prompts, seeds)
-        scores = _score_all(self.scorers, images, prompts)
+        scores = score_all(self.scorers, images, prompts)
         metrics = {f"score/{name}": sum(v) / len(v) for name, v in scores.items()}
         grid = image_grid(images, cols=len(self.seeds), scale=max(1, 128 // trainer.setup.bundle.resolution))
         self._save(trainer.step, grid, metrics)
@@ -122,17 +114,16 @@ class RewardEvaluator:
         modes = [m.training for m in modules]
         cuda = device.type == "cuda"
         rng_devices = [torch.cuda.current_device() if device.index is None else device.index] if cuda else []
-        dtype = DTYPES[self.cfg.model.mixed_precision]
-        # Training keeps the UNet in float32 under autocast; sample the same way.
-        autocast = torch.autocast("cuda", dtype=dtype) if cuda and dtype is not None else nullcontext()
-        with torch.random.fork_rng(devices=rng_devices), autocast:
+        # Training keeps the UNet in float32 under autocast on a GPU; sample the same way (on the CPU: none).
+        dtype = mixed_precision_dtype(self.cfg.model.mixed_precision) if cuda else None
+        with torch.random.fork_rng(devices=rng_devices), autocast(device, dtype):
             for m in modules:
                 m.eval()
             try:
                 return generate_images(
                     bundle.pipeline(bundle.unet), prompts, seeds,
-                    steps=_default_steps(self.cfg, self.cfg.tracking.score_steps),
-                    guidance_scale=_default_guidance(self.cfg, None), resolution=bundle.resolution,
+                    steps=default_steps(self.cfg, self.cfg.tracking.score_steps),
+                    guidance_scale=default_guidance(self.cfg, None), resolution=bundle.resolution,
                     batch_size=GENERATE_BATCH, progress=False,
                 )
             finally:

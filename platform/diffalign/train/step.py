@@ -13,7 +13,6 @@ Backward and the optimizer live in the loop (plain, DDP or DeepSpeed).
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +20,7 @@ import torch
 from diffalign.models.bundle import ModelBundle
 from diffalign.models.conditioning import Conditioning, PromptEncoder
 from diffalign.models.denoiser import Denoiser
+from diffalign.models.precision import autocast
 from diffalign.objectives import Objective, ObjectiveOutput
 from diffalign.timesteps import TimestepSampler
 
@@ -89,9 +89,7 @@ class PreferenceStep:
         self.autocast_dtype = autocast_dtype
 
     def _autocast(self, device: torch.device):
-        if self.autocast_dtype is None:
-            return nullcontext()
-        return torch.autocast(device_type=device.type, dtype=self.autocast_dtype)
+        return autocast(device, self.autocast_dtype)
 
     def noise_and_timesteps(self, batch: PairBatch, generator: torch.Generator | None):
         bsz = batch.chosen.shape[0]

@@ -15,7 +15,7 @@ from typing import Any, Protocol, TypeVar
 import torch
 from PIL import Image
 
-from diffalign.build.llm import Backend, default_device, import_vllm, resolve_backend, resolve_dtype
+from diffalign.curate.llm import Backend, default_device, import_vllm, resolve_backend, resolve_dtype
 
 JUDGE_TEMPLATE = """\
 You are an expert judge of generated images. Look at the image and rate how well it matches the target \

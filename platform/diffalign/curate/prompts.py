@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from tqdm.auto import tqdm
 
-from diffalign.build.llm import TextGenerator
+from diffalign.curate.llm import TextGenerator
 
 CONTEXT_INSTRUCTION = """\
 You are a prompt engineer for the DALLE-3 model, which is a diffusion-based image generation API. \

@@ -1,6 +1,7 @@
 """Tiny random prompt-extraction LLM and VLM judge, built offline, for CPU demos and tests.
 
-Each ``save_tiny_*`` writes a directory that ``TransformersGenerator`` / ``VLMJudge`` load like any real
+Each ``save_tiny_*`` writes a directory that ``diffalign.curate``'s ``TransformersGenerator`` / ``VLMJudge``
+load like any real
 checkpoint (Llama-style causal LM with a chat template; Qwen2-VL with its image processor), so the
 recipe runs its real loading and generation code. Both are deterministic stand-ins: the LLM always
 answers nothing, so each context prompt is the caption without style words (the parser's fallback); the
@@ -14,24 +15,14 @@ from pathlib import Path
 
 import torch
 
+from diffalign.models.tiny.tokenizer import word_tokenizer
+
 WORDS = (
     "a the cat dog fox red blue green image of in on with under moon city street garden warrior "
     "prompt context realistic style art painting 1 2 3 4 5 6 7 8 9 10 score"
 ).split()
 TINY_TEXT = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
              "num_key_value_heads": 2, "max_position_embeddings": 2048}
-
-
-def word_tokenizer(special: list[str], words: list[str], **kwargs):
-    """A word-level fast tokenizer (no download); special tokens stay unsplit."""
-    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {w: i for i, w in enumerate(special + words)}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.add_special_tokens([AddedToken(s, special=True) for s in special])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", **kwargs), vocab
 
 
 def save_tiny_lm(path: str | os.PathLike[str], seed: int = 0, random_head: bool = False) -> Path:

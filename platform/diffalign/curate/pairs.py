@@ -28,15 +28,15 @@ import pyarrow.parquet as pq
 from PIL import Image
 from tqdm.auto import tqdm
 
-from diffalign.build.judge import Judge, filter_pairs
-from diffalign.build.llm import TextGenerator
-from diffalign.build.prompts import (
+from diffalign.curate.judge import Judge, filter_pairs
+from diffalign.curate.llm import TextGenerator
+from diffalign.curate.prompts import (
     ExtractedPrompt,
     count_fallbacks,
     dedupe_prompts,
     extract_context_prompts,
 )
-from diffalign.build.styles import StylePreset, apply_style, get_preset
+from diffalign.curate.styles import StylePreset, apply_style, get_preset
 
 ImageGenerator = Callable[[list[str], list[int]], list[Image.Image]]
 Extractor = TextGenerator | Callable[[list[str]], list[ExtractedPrompt]] | None

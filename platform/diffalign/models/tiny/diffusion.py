@@ -11,7 +11,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditi
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from diffalign.models.bundle import ModelBundle
-from diffalign.models.tokenizer import build_tiny_clip_tokenizer
+from diffalign.models.tiny.tokenizer import build_tiny_clip_tokenizer
 
 TEXT_LEN = 16  # short prompts keep the tiny cross-attention cheap
 

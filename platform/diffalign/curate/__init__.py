@@ -3,8 +3,8 @@
 vllm is imported only when a vllm backend is actually constructed, so this package imports without it.
 """
 
-from diffalign.build.judge import JUDGE_TEMPLATE, Judge, VLMJudge, filter_pairs, parse_score
-from diffalign.build.llm import (
+from diffalign.curate.judge import JUDGE_TEMPLATE, Judge, VLMJudge, filter_pairs, parse_score
+from diffalign.curate.llm import (
     VLLM_MISSING_MESSAGE,
     TextGenerator,
     TransformersGenerator,
@@ -12,8 +12,8 @@ from diffalign.build.llm import (
     build_text_generator,
     vllm_available,
 )
-from diffalign.build.pairs import PAIR_SCHEMA, BuildSummary, ImageGenerator, build_pair_dataset
-from diffalign.build.prompts import (
+from diffalign.curate.pairs import PAIR_SCHEMA, BuildSummary, ImageGenerator, build_pair_dataset
+from diffalign.curate.prompts import (
     CONTEXT_INSTRUCTION,
     ExtractedPrompt,
     count_fallbacks,
@@ -22,7 +22,7 @@ from diffalign.build.prompts import (
     parse_context_output,
     strip_style_words,
 )
-from diffalign.build.styles import STYLE_PRESETS, StylePreset, apply_style, get_preset
+from diffalign.curate.styles import STYLE_PRESETS, StylePreset, apply_style, get_preset
 
 __all__ = [
     "CONTEXT_INSTRUCTION",

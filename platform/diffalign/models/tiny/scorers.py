@@ -7,21 +7,16 @@ loading code. The weights are random: scores are meaningless but finite and inpu
 
 from __future__ import annotations
 
-import json
 import os
-import string
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import save_file
 
-from diffalign.eval.scorers import AESTHETIC_HEAD, IMAGEREWARD_HEAD, RewardMLP
-
-if TYPE_CHECKING:
-    from transformers import BertTokenizer, CLIPTokenizer
+from diffalign.models.reward_heads import AESTHETIC_HEAD, IMAGEREWARD_HEAD, RewardMLP
+from diffalign.models.tiny.tokenizer import write_tiny_bert_tokenizer, write_tiny_clip_tokenizer
 
 PathLike = str | os.PathLike[str]
 
@@ -48,72 +43,6 @@ def _seeded(seed: int) -> Iterator[None]:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         yield
-
-
-# --------------------------------------------------------------------------- tokenizers
-
-# Frequent English letter pairs, merged so common words take fewer tokens than one per byte.
-_MERGE_PAIRS = "th he in er an re on at en nd ti es or te of ed is it al ar st to nt ng se ha as ou io le ve"
-
-
-def _bytes_to_unicode() -> list[str]:
-    # GPT-2/CLIP's reversible byte -> printable-character map: byte-level BPE tokens are these characters.
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    chars: dict[int, int] = {b: b for b in keep}
-    extra = 0
-    for b in range(256):
-        if b not in chars:
-            chars[b] = 256 + extra
-            extra += 1
-    return [chr(chars[b]) for b in range(256)]
-
-
-def tiny_clip_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
-    """Every byte character and its ``</w>`` (end-of-word) form, a few merges, then the two specials
-    last, as in CLIP's vocabulary (so the end-of-text token has the largest id)."""
-    chars = _bytes_to_unicode()
-    tokens = chars + [c + "</w>" for c in chars]
-    merges: list[tuple[str, str]] = []
-    for a, b in (tuple(pair) for pair in _MERGE_PAIRS.split()):
-        merges += [(a, b), (a, b + "</w>")]
-        tokens += [a + b, a + b + "</w>"]
-    tokens += ["<|startoftext|>", "<|endoftext|>"]
-    return {t: i for i, t in enumerate(dict.fromkeys(tokens))}, merges
-
-
-def write_tiny_clip_tokenizer(path: PathLike, model_max_length: int = 77) -> CLIPTokenizer:
-    """Write ``vocab.json`` + ``merges.txt`` (byte-level BPE covering every byte) and load a
-    ``CLIPTokenizer`` from those files."""
-    from transformers import CLIPTokenizer
-
-    out = _out_dir(path)
-    vocab, merges = tiny_clip_vocab()
-    (out / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-    (out / "merges.txt").write_text(
-        "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8"
-    )
-    vocab_read = json.loads((out / "vocab.json").read_text(encoding="utf-8"))
-    lines = (out / "merges.txt").read_text(encoding="utf-8").splitlines()[1:]
-    merges_read = [tuple(line.split(" ")) for line in lines if line]
-    return CLIPTokenizer(vocab=vocab_read, merges=merges_read, model_max_length=model_max_length)
-
-
-def write_tiny_bert_tokenizer(path: PathLike, model_max_length: int = 64) -> BertTokenizer:
-    """Write a WordPiece ``vocab.txt`` (specials, every printable ASCII char, ``##`` continuations and a
-    few words) so any ASCII prompt tokenizes, and load a ``BertTokenizer`` from it."""
-    from transformers import BertTokenizer
-
-    out = _out_dir(path)
-    chars = string.ascii_lowercase + string.digits
-    words = ["a", "the", "of", "photo", "cat", "dog", "red", "blue", "painting", "portrait"]
-    tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tokens += list(chars + string.punctuation) + ["##" + c for c in chars] + words
-    tokens = list(dict.fromkeys(tokens))
-    (out / "vocab.txt").write_text("\n".join(tokens) + "\n", encoding="utf-8")
-    return BertTokenizer(vocab=str(out / "vocab.txt"), model_max_length=model_max_length)
-
-
-# --------------------------------------------------------------------------- models
 
 
 def save_tiny_clip(path: PathLike, seed: int = 0, image_size: int = TINY_IMAGE_SIZE) -> Path:

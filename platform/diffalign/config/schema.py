@@ -1,0 +1,316 @@
+"""The config schema: one dataclass per YAML section.
+
+A field's default is written here and only here; defaults that belong to a component below the
+config (objective hyperparameters, timestep and reference-strategy defaults) are read from that
+component, so they too exist once. Loading: `diffalign.config.load`; checks: `diffalign.config.validate`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from diffalign.objectives import objective_hyperparameters
+from diffalign.reference.names import DEFAULT_DELTA, DEFAULT_ON_EXCEED, DEFAULT_TAU
+from diffalign.timesteps import DEFAULT_GAMMA, DEFAULT_NUM_BINS
+
+
+class ConfigError(ValueError):
+    """An invalid configuration; the message names the field."""
+
+
+@dataclass
+class ModelConfig:
+    family: str = "sd15"                 # sd15 | sdxl
+    pretrained: str | None = None        # diffusers folder or hub id; None -> tiny random model
+    vae: str | None = None               # optional VAE override (SDXL fp16-fix)
+    resolution: int = 32
+    tiny_seed: int = 0
+    finetune: str = "lora"               # lora | full
+    lora_rank: int = 8
+    lora_alpha: float | None = None
+    train_text_encoder: bool = False
+    gradient_checkpointing: bool = False
+    mixed_precision: str = "no"          # no | bf16 | fp16
+
+
+@dataclass
+class ObjectiveConfig:
+    """`{name, ...hyperparameters}`: the hyperparameters are the keyword arguments of the objective's
+    constructor (`diffalign.objectives`), which holds their defaults; only the ones set in the YAML or
+    by `--set` are stored here. `cfg.objective.beta` reads a value, set or default."""
+
+    name: str = "dpo"  # sft | dpo | mapo | xdpo
+    hyperparameters: dict[str, Any] = field(default_factory=dict)  # the ones set explicitly
+
+    def params(self) -> dict[str, Any]:
+        """Every hyperparameter of the objective: the constructor's defaults, then the set ones."""
+        try:
+            defaults = objective_hyperparameters(self.name)
+        except ValueError:  # an unknown name is reported by validation, naming the field
+            defaults = {}
+        return {**defaults, **self.hyperparameters}
+
+    def __getattr__(self, key: str) -> Any:
+        # Only reached for names that are not dataclass fields: the hyperparameters.
+        if key.startswith("__") or key in ("name", "hyperparameters"):
+            raise AttributeError(key)
+        params = self.params()
+        if key not in params:
+            raise AttributeError(f"objective {self.name!r} has no hyperparameter {key!r}; "
+                                 f"accepted: {', '.join(params) or 'none'}")
+        return params[key]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, **self.hyperparameters}
+
+
+@dataclass
+class ReferenceConfig:
+    strategy: str = "frozen"  # none | frozen | periodic | periodic_threshold
+    tau: int = DEFAULT_TAU  # update period (Kang et al. search {16, 32, 64})
+    delta: float = DEFAULT_DELTA  # KL(ref||init) bound (0.005 SD1.5, 0.002 SDXL)
+    on_exceed: str = DEFAULT_ON_EXCEED  # freeze | reinit
+    divergence_samples: int = 2  # chosen latents used for the estimate
+    placement: str = "colocated"  # colocated | actor
+    # Precision of a full-UNet reference copy: auto = model.mixed_precision's dtype on GPU, fp32 on CPU;
+    # bf16 / fp16 halve its memory (LoRA references are adapter tensors and ignore it).
+    dtype: str = "auto"  # auto | fp32 | bf16 | fp16
+
+
+@dataclass
+class TimestepConfig:
+    sampler: str = "uniform"  # uniform | skewed
+    timestep_gamma: float = DEFAULT_GAMMA
+    num_bins: int = DEFAULT_NUM_BINS
+    reward_scale: str = "constant"  # constant | inv_sqrt_snr
+
+
+@dataclass
+class DataConfig:
+    kind: str = "synthetic"  # synthetic | pickapic | hf_disk | jsonl | csv | folder
+    path: str | None = None
+    num_pairs: int = 64  # synthetic only
+    heldout_pairs: int = 32
+    prompt: str | None = None  # folder: the identifier prompt ("a photo of sks dog")
+    random_flip: bool = True
+    center_crop: bool = True
+    cache_latents: bool = True
+    # Text-encoder outputs once per unique prompt, kept on the training device (off when
+    # model.train_text_encoder: the encoders then change every step).
+    cache_prompt_embeds: bool = True
+    max_samples: int | None = None
+    on_error: str = "skip"  # skip | raise
+    # Threads decoding the next micro-batches while the step computes (0: read in the step);
+    # unused with cached latents, where nothing is decoded.
+    num_workers: int = 0
+    # Reference-mismatch probe before offline training (MaPO Fig. 2): a CLIP or DINOv2 path / hub id.
+    mismatch_probe: str | None = None  # None -> skipped
+    mismatch_probe_n: int = 16  # pairs whose chosen images are compared with base-model samples
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    text_encoder_lr: float = 5e-6
+    weight_decay: float = 1e-2
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    lr_scheduler: str = "constant_with_warmup"
+    warmup_steps: int = 0
+    batch_size: int = 8  # pairs per learner per micro-step
+    grad_accum: int = 1
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 100
+    seed: int = 0
+    output_dir: str = "runs/default"
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 2
+    eval_every: int = 25
+    sample_every: int = 0  # image grid every N steps (0: only at the end)
+    score_every: int = 0  # reward-model score on fixed prompts/seeds every N steps (0: off)
+    log_every: int = 1
+    ema_decay: float | None = None
+    resume: bool = True
+    progress: bool = True
+
+
+@dataclass
+class GuardConfig:
+    enabled: bool = True
+    max_bad_steps: int = 3  # consecutive NaN/inf steps before rollback
+    spike_sigmas: float = 6.0  # loss spike threshold in rolling std
+    spike_window: int = 50
+    spike_min_history: int = 20
+    lr_factor: float = 0.5  # lr multiplier after a rollback
+    max_rollbacks: int = 5
+
+
+@dataclass
+class TrackingConfig:
+    mlflow: bool = True
+    tracking_uri: str | None = None  # None -> sqlite:///<output_dir>/mlflow.db
+    experiment: str = "diffalign"
+    run_name: str | None = None
+    num_sample_prompts: int = 4
+    sample_steps: int = 8
+    # Periodic reward-model score (train.score_every > 0), see diffalign.train.reward_eval:
+    scorers: str | None = None  # "name:path,..." as recipes/evaluate.py --scorers (e.g. pickscore)
+    score_prompts: str | None = None  # prompt file; None -> held-out prompts, else the tiny synthetic ones
+    score_num_prompts: int = 4  # first N prompts are scored
+    score_seeds: str = "0,1"  # one image per (prompt, seed), the same seeds at every evaluation
+    score_steps: int | None = None  # inference steps; None -> 50 (pretrained model) or sample_steps
+
+
+@dataclass
+class SamplerPoolConfig:
+    num: int = 1
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    sync_every: int = 1  # learner -> sampler weight sync period (steps)
+    probe_every: int = 4  # verify outputs on a probe batch every M syncs
+    max_restarts: int = 3
+    inference_steps: int = 8
+    guidance_scale: float = 5.0
+
+
+@dataclass
+class RayConfig:
+    enabled: bool = False
+    # None -> RAY_ADDRESS if set (ray job submit), else a new local cluster; "auto" -> the `ray start` one
+    address: str | None = None
+    num_learners: int = 1
+    backend: str = "ddp"  # ddp | deepspeed
+    zero_stage: int = 2
+    offload_optimizer: bool = False
+    use_gpu: bool = False
+    cpus_per_learner: float = 1.0
+    max_failures: int = 1
+    storage_path: str | None = None  # None -> <output_dir>/ray
+    reference_cpus: float = 1.0
+    reference_gpus: float = 0.0
+    object_store_mb: int = 256
+    sampler: SamplerPoolConfig = field(default_factory=SamplerPoolConfig)
+
+
+ONLINE_MODES = ("async", "sync")
+
+
+@dataclass
+class OnlineConfig:
+    enabled: bool = False
+    mode: str = "async"  # async | sync
+    max_staleness: int = 2  # replay-buffer max age in policy versions
+    buffer_size: int = 64
+    samples_per_request: int = 4
+
+
+@dataclass
+class TuneConfig:
+    num_samples: int = 4
+    metric: str = "heldout/implicit_acc"
+    mode: str = "max"
+    grace_period: int = 2
+    reduction_factor: int = 2
+    report_every: int = 5
+    search_space: dict = field(
+        default_factory=dict
+    )  # "objective.beta": {"loguniform": [lo, hi]} | {"choice": [...]}
+    max_concurrent: int = 1
+
+
+# The style presets of MaPO's Pick-Style / Pick-Safety (their prefixes: diffalign.curate.styles).
+STYLE_PRESET_NAMES = ("cartoon", "pixel_art", "safety")
+
+
+@dataclass
+class BuildConfig:
+    """recipes/build_pairs.py: Pick-Style / Pick-Safety pairs sampled from the base model (model section)
+    on Ray sampler actors (ray.sampler: actors, inference_steps, guidance_scale)."""
+
+    prompts: str | None = None  # captions: .txt .parquet .tsv .csv .json .jsonl; None: tiny ones
+    max_prompts: int | None = None  # keep the first N captions
+    preset: str = "cartoon"  # cartoon | pixel_art | safety (MaPO's style prefixes)
+    # Models: a path or hub id; "tiny" builds a random one offline (CPU demos, tests).
+    llm: str | None = None  # context-prompt LLM; None: the captions are the context prompts
+    judge: str | None = None  # VLM judge; None: every pair is kept
+    backend: str = "auto"  # auto | vllm | transformers; auto: vllm if installed and on a GPU
+    device: str | None = None  # transformers backend; None -> cuda if available, else cpu
+    vllm_kwargs: dict = field(default_factory=dict)  # vllm.LLM options, e.g. {gpu_memory_utilization: 0.3}
+    threshold: float = 6.0  # keep pairs whose chosen image scores >= this (MaPO: above 5 of 10)
+    min_gap: float | None = None  # and beats the rejected image by at least this much
+    batch_size: int = 8  # pairs generated and judged per round
+    images_per_request: int = 4  # prompts per sampler-actor request
+    max_context_tokens: int = 96  # LLM answer length
+    seed: int = 0  # the per-pair generation seeds derive from it
+    out: str | None = None  # parquet path; None -> <train.output_dir>/pairs.parquet
+
+
+@dataclass
+class EvalConfig:
+    """recipes/evaluate.py: the policy's weights against the base model on seed-matched samples.
+    With `probe_only`, it only runs the reference-mismatch probe of `data.mismatch_probe` /
+    `data.mismatch_probe_n` on the config's dataset, before any training."""
+
+    weights: str | None = None  # a LoRA folder, a UNet folder or a run folder
+    prompts: str | None = None  # .txt .parquet .tsv .csv .json .jsonl; None: the tiny synthetic prompts
+    max_prompts: int | None = None  # keep the first N prompts
+    scorers: str | None = None  # NAME[:PATH],...: pickscore, clip, hpsv2, imagereward, aesthetic, dino
+    seeds: str = "0,1"  # seeds shared by both models, e.g. 0,1 or 0-3
+    references: str | None = None  # folder of reference images (the dino scorer)
+    out: str | None = None  # output folder; None: <train.output_dir>/eval
+    steps: int | None = None  # inference steps; None: 50 (pretrained model) or tracking.sample_steps
+    guidance_scale: float | None = None  # None: 7.5 SD1.5, 5.0 SDXL
+    batch_size: int = 8  # images per pipeline call
+    grid_prompts: int = 16  # prompt rows drawn in grid.png
+    save_images: bool = False  # also write each image to <out>/images
+    device: str | None = None  # None: cuda if available, else cpu
+    probe_only: bool = False  # only the reference-mismatch probe (data.mismatch_probe)
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+    timesteps: TimestepConfig = field(default_factory=TimestepConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    online: OnlineConfig = field(default_factory=OnlineConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
+    build: BuildConfig = field(default_factory=BuildConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict:
+        out = {f.name: dataclasses.asdict(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        out["objective"] = self.objective.to_dict()
+        return out
+
+    def flat(self) -> dict[str, object]:
+        """`section.field` -> value, for MLflow params."""
+        out: dict[str, object] = {}
+
+        def walk(prefix: str, d: dict) -> None:
+            for k, v in d.items():
+                if isinstance(v, dict) and k != "search_space":
+                    walk(f"{prefix}{k}.", v)
+                else:
+                    out[f"{prefix}{k}"] = json.dumps(v) if isinstance(v, (dict, list, tuple)) else v
+
+        data = self.to_dict()
+        # MLflow records the hyperparameters the run used, defaults included.
+        data["objective"] = {"name": self.objective.name, **self.objective.params()}
+        walk("", data)
+        return out
+
+

@@ -1,0 +1,67 @@
+"""Builds the policy from the model section of a config: the bundle (tiny random or `from_pretrained`),
+the trainable parts (LoRA adapters or the full UNet, optionally text-encoder LoRA) and their optimizer
+param groups. Every process that needs the policy's initial weights (learner, reference actor, sampler
+actors, evaluation) builds it here, so they agree bit for bit.
+
+The config is only read (duck-typed), never imported: `diffalign.config` sits above the models.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from diffalign.models.bundle import ModelBundle
+from diffalign.models.lora import TEXT_TARGETS, add_lora
+from diffalign.models.precision import frozen_dtype
+
+if TYPE_CHECKING:  # type names only: importing the config here would make a cycle
+    from diffalign.config import RunConfig
+
+
+def build_bundle(cfg: RunConfig) -> ModelBundle:
+    """`model.pretrained` unset -> the tiny random model of `model.family`; else loaded from disk / Hub."""
+    m = cfg.model
+    if m.pretrained is None:
+        from diffalign.models.tiny.diffusion import build_tiny_bundle
+
+        return build_tiny_bundle(m.family, seed=m.tiny_seed, resolution=m.resolution)
+    from diffalign.models.loading import load_bundle
+
+    return load_bundle(m.pretrained, family=m.family, resolution=m.resolution, vae_path=m.vae,
+                       frozen_dtype=frozen_dtype(m.mixed_precision))
+
+
+def prepare_policy(bundle: ModelBundle, cfg: RunConfig) -> list[dict]:
+    """Makes the UNet (and optionally text encoders) trainable; returns optimizer param groups."""
+    m, o = cfg.model, cfg.optim
+    unet = bundle.unet
+    if m.finetune == "lora":
+        add_lora(unet, m.lora_rank, m.lora_alpha)
+    else:
+        unet.requires_grad_(True)
+    if m.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    unet.train()
+    groups = [{"params": [p for p in unet.parameters() if p.requires_grad], "lr": o.lr}]
+    if m.train_text_encoder:
+        for enc in bundle.text_encoders:
+            add_lora(enc, m.lora_rank, m.lora_alpha, targets=TEXT_TARGETS)
+            groups.append(
+                {"params": [p for p in enc.parameters() if p.requires_grad], "lr": o.text_encoder_lr}
+            )
+    return groups
+
+
+def build_policy(cfg: RunConfig) -> tuple[ModelBundle, list[dict]]:
+    """The policy at step 0, as every process builds it: seeded with `train.seed`, then the bundle,
+    then its trainable parts (LoRA adapters are random, so the seed and this order fix them)."""
+    torch.manual_seed(cfg.train.seed)
+    bundle = build_bundle(cfg)
+    return bundle, prepare_policy(bundle, cfg)
+
+
+def trainable_modules(bundle: ModelBundle, cfg: RunConfig) -> list[torch.nn.Module]:
+    """The modules whose weights training changes: the UNet, plus the text encoders if trained."""
+    return [bundle.unet, *(bundle.text_encoders if cfg.model.train_text_encoder else [])]

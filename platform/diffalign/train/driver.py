@@ -1,0 +1,212 @@
+"""The one driver: builds a `Trainer` from (config, runtime) and runs fit-and-save.
+
+Every runtime goes through here, as a recipe reads: `setup -> train -> save`:
+- one process (`run`): `recipes/preference_offline.py`, `recipes/mapo_personalize.py` without Ray Train;
+- each Ray Train worker (`diffalign.actors.learner`): the same `build_trainer` with its rank, DDP /
+  DeepSpeed engine, reference-actor client and Ray reporting callback, then `fit_and_save`;
+- online training: the same, with `Runtime.data` = the on-policy data of `diffalign.actors.online`.
+
+What differs between them is the `Runtime`; what a run trains is the config alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from diffalign.config import RunConfig, save_config
+from diffalign.models.lora import save_lora
+from diffalign.train.cache import CachedPairs, prefill_prompt_cache
+from diffalign.train.engine import TorchEngine, build_optimizer
+from diffalign.train.loop import Trainer
+from diffalign.train.protocols import BatchSource, Engine
+from diffalign.train.setup import Setup, build_datasets, build_setup
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainingData:
+    """What a trainer reads: items by index, an optional held-out set, how a micro-batch is made from
+    items, the callbacks that data needs (online: weight sync) and how to release it."""
+
+    train: Any
+    heldout: Any = None
+    batch_source: BatchSource | None = None
+    callbacks: list = field(default_factory=list)
+    close: Callable[[], None] | None = None
+    issues: Any = None  # the readers' bad-input account (DataIssues), for the run record
+
+
+# (cfg, setup, runtime) -> TrainingData: online training builds its on-policy data from the setup.
+DataFactory = Callable[[RunConfig, Setup, "Runtime"], TrainingData]
+# (cfg, setup, runtime) -> Engine: DDP or DeepSpeed on Ray Train workers.
+EngineFactory = Callable[[RunConfig, Setup, "Runtime"], Engine]
+
+
+@dataclass
+class Runtime:
+    """Where and with what a trainer runs. Every field has a single-process default."""
+
+    device: torch.device | str | None = None  # None: cuda if available, else cpu
+    rank: int = 0
+    world_size: int = 1
+    engine: Engine | None = None  # a built engine, else `engine_factory`, else a plain TorchEngine
+    engine_factory: EngineFactory | None = None
+    reference: Any = None  # a reference policy client (a Ray ReferenceActor); None: built colocated
+    setup: Setup | None = None  # prebuilt model parts (benchmarks, tests); None: from the config
+    data: DataFactory | None = None  # None: `train_data` / `heldout_data`, else the config's datasets
+    train_data: Any = None
+    heldout_data: Any = None  # used as given (None: no held-out set) whenever train_data is given
+    batch_source: BatchSource | None = None
+    callbacks: Sequence = ()  # the caller's callbacks, after the data's and before scoring / MLflow
+    checkpoint_dir: str | Path | None = None  # None: <output_dir>/checkpoints
+    track: bool = True  # the MLflow run of rank 0 (with tracking.mlflow); False: the caller tracks
+
+
+def default_device(cfg: RunConfig) -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _training_data(cfg: RunConfig, setup: Setup, rt: Runtime, is_main: bool) -> TrainingData:
+    if rt.data is not None:
+        return rt.data(cfg, setup, rt)
+    if rt.train_data is not None:
+        data = TrainingData(rt.train_data, rt.heldout_data, rt.batch_source)
+    else:
+        train, held = build_datasets(cfg)
+        data = TrainingData(train, held, rt.batch_source)
+    data.issues = getattr(data.train, "issues", None)  # before caching wraps the reader
+    if cfg.data.cache_latents and not cfg.online.enabled and "chosen" in data.train[0]:
+        data.train = CachedPairs(data.train, setup.latent_encoder, progress=is_main and cfg.train.progress)
+    return data
+
+
+def _engine(cfg: RunConfig, setup: Setup, rt: Runtime) -> Engine:
+    if rt.engine is not None:
+        return rt.engine
+    if rt.engine_factory is not None:
+        return rt.engine_factory(cfg, setup, rt)
+    params = [p for g in setup.param_groups for p in g["params"]]
+    return TorchEngine(setup.bundle.unet, params, build_optimizer(setup.param_groups, cfg.optim), cfg.optim,
+                       cfg.train.max_steps)
+
+
+def _with_standard_callbacks(cfg: RunConfig, rt: Runtime, data: list, given: list) -> list:
+    """The data's callbacks, rank 0's reward score, the caller's, rank 0's MLflow run (scorer and
+    MLflow only if the caller did not bring its own). The scorer comes first so every later callback
+    sees its score/* metrics at the same step."""
+    scorer, tracker = [], []
+    if rt.rank == 0 and cfg.train.score_every:
+        from diffalign.train.reward_eval import RewardEvaluator
+
+        if not any(isinstance(cb, RewardEvaluator) for cb in given):
+            scorer.append(RewardEvaluator(cfg))
+    if rt.rank == 0 and cfg.tracking.mlflow and rt.track:
+        from diffalign.tracking import MlflowRun
+
+        if not any(isinstance(cb, MlflowRun) for cb in given):
+            tracker.append(MlflowRun(cfg))
+    return [*data, *scorer, *given, *tracker]
+
+
+def build_trainer(cfg: RunConfig, runtime: Runtime | None = None, **fields: Any) -> Trainer:
+    """The trainer of `cfg` in `runtime` (fields may be given as keywords instead): the only place a
+    `Trainer` is constructed. Callback order: the data's (online sync, whose online/* metrics every
+    later callback sees), the reward score, the caller's, MLflow."""
+    rt = dataclasses.replace(runtime or Runtime(), **fields)
+    device = torch.device(rt.device) if rt.device is not None else default_device(cfg)
+    # Seeds the policy build (random LoRA init) the same way in every process.
+    torch.manual_seed(cfg.train.seed)
+    setup = rt.setup or build_setup(cfg, device, reference=rt.reference)
+    if rt.setup is None and hasattr(rt.reference, "bind"):
+        rt.reference.bind(setup.bundle.unet)  # checks the actor built the same initial weights
+    engine = _engine(cfg, setup, rt)
+    data = _training_data(cfg, setup, rt, rt.rank == 0)
+    prefill_prompt_cache(setup.prompt_encoder, data.train)
+    callbacks = _with_standard_callbacks(cfg, rt, data.callbacks, list(rt.callbacks))
+    trainer = Trainer(cfg, setup, engine, data.train, data.heldout, batch_source=data.batch_source,
+                      callbacks=callbacks, rank=rt.rank, world_size=rt.world_size, device=device,
+                      checkpoint_dir=rt.checkpoint_dir, data_issues=data.issues)
+    trainer.release = data.close
+    return trainer
+
+
+def save_final_weights(trainer: Trainer, out_dir: Path) -> Path:
+    """LoRA -> diffusers LoRA file (`pipe.load_lora_weights`); full -> a diffusers UNet folder."""
+    cfg, bundle = trainer.cfg, trainer.setup.bundle
+    if trainer.ema is not None:
+        trainer.load_trainable_weights(trainer.final_weights())
+    if cfg.model.finetune == "lora":
+        return save_lora(bundle, out_dir / "lora", train_text_encoder=cfg.model.train_text_encoder)
+    bundle.unet.save_pretrained(str(out_dir / "unet"))
+    return out_dir / "unet"
+
+
+def fit_and_save(trainer: Trainer, save_weights: bool = True) -> dict[str, Any]:
+    """Trains to `train.max_steps`, then rank 0 saves the final weights in diffusers format and tells
+    the callbacks (`on_weights_saved`: MLflow logs them and closes its run). Returns the summary with
+    "final_step", "weights" and, when tracked, "mlflow_run_id"."""
+    try:
+        summary = trainer.fit()
+    finally:
+        trainer.close()
+    summary["final_step"] = trainer.step
+    summary["weights"] = None
+    if trainer.is_main and save_weights:
+        weights = save_final_weights(trainer, Path(trainer.cfg.train.output_dir))
+        summary["weights"] = str(weights)
+        trainer.emit("on_weights_saved", weights)
+        log.info("final weights: %s", weights)
+    tracker = _mlflow_run(trainer)
+    if tracker is not None:
+        tracker.close("FINISHED")  # already closed when weights were saved; a sweep trial saves none
+        summary["mlflow_run_id"] = tracker.run_id
+    return summary
+
+
+def _mlflow_run(trainer: Trainer):
+    from diffalign.tracking import MlflowRun
+
+    return next((cb for cb in trainer.callbacks if isinstance(cb, MlflowRun)), None)
+
+
+def run(cfg: RunConfig, runtime: Runtime | None = None, **fields: Any) -> dict[str, Any]:
+    """A whole run in this process: output folder and config, the reference-mismatch probe (when
+    configured), build, fit, save; the MLflow run ends FINISHED, or FAILED if anything raised."""
+    from diffalign.train.mismatch_check import check_reference_mismatch
+
+    rt = dataclasses.replace(runtime or Runtime(), **fields)
+    out_dir = Path(cfg.train.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out_dir / "config.yaml")
+    tracker = None
+    if cfg.tracking.mlflow and rt.track:
+        from diffalign.tracking import MlflowRun, prepare_record
+
+        prepare_record(cfg, resuming=False)  # one MLflow run per invocation
+        tracker = MlflowRun(cfg)
+        rt = dataclasses.replace(rt, callbacks=[*rt.callbacks, tracker])
+    try:
+        if cfg.data.mismatch_probe and rt.data is None and rt.train_data is None:
+            # Built once: probed here, trained on below.
+            train, held = build_datasets(cfg)
+            rt = dataclasses.replace(rt, train_data=train, heldout_data=held)
+        if cfg.data.mismatch_probe:
+            check_reference_mismatch(cfg, rt.train_data, rt.device or default_device(cfg),
+                                     tracker.open() if tracker is not None else None)
+        summary = fit_and_save(build_trainer(cfg, rt))
+        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        log.info("done: %s", {k: round(v, 4) for k, v in summary.items() if isinstance(v, float)})
+        return summary
+    except BaseException:
+        if tracker is not None:
+            tracker.close("FAILED")
+        raise
