@@ -32,6 +32,7 @@ from diffalign.config import RunConfig
 from diffalign.models.weights import state_fingerprint
 from diffalign.train.checkpoint import rng_state, save_checkpoint, set_rng_state
 from diffalign.train.engine import TorchEngine, build_optimizer
+from diffalign.train.protocols import Callback
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +129,7 @@ def _append_jsonl(path: Path, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
-class GlobalLoss:
+class GlobalLoss(Callback):
     """Trainer callback for several ranks: the loss the loop sees (guards, metrics) becomes the mean
     over ranks, so every rank reaches the same skip / rollback verdict and the replicas never
     diverge. The gradient is still that of the rank's own loss (DDP / DeepSpeed average it)."""
@@ -145,7 +146,7 @@ class GlobalLoss:
         return loss + (mean - loss.detach())
 
 
-class RayReporter:
+class RayReporter(Callback):
     """Trainer callback: reports metrics to Ray Train every `log_every` steps and a checkpoint every
     `checkpoint_every` steps (and at the last step). Every rank reports the same number of times."""
 
@@ -203,7 +204,7 @@ class RayReporter:
         os._exit(1)
 
 
-class RankFingerprints:
+class RankFingerprints(Callback):
     """Trainer callback: at the end of training, every rank's weight fingerprint (a collective), so
     the run can show its replicas never diverged. Before the final save, so loading EMA weights for
     the save cannot look like ranks out of sync."""

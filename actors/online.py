@@ -35,6 +35,7 @@ from diffalign.data.collate import collate_pairs
 from diffalign.data.files import ImageFolderDataset
 from diffalign.train.driver import TrainingData
 from diffalign.train.loop import Trainer
+from diffalign.train.protocols import Callback
 
 log = logging.getLogger(__name__)
 
@@ -232,7 +233,7 @@ class OnPolicyPairs:
         self.in_flight = []  # the pool's shutdown ends the calls still running
 
 
-class OnlineSyncCallback:
+class OnlineSyncCallback(Callback):
     """Trainer callback: syncs the learner's policy to the pool every `sync_every` steps (version =
     trainer.step; the first sync, in on_start, before any step) and adds the online/* metrics."""
 

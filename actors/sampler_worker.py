@@ -12,7 +12,7 @@ import ray
 import torch
 from diffalign.actors.weight_sync import ProbeBatch, WeightPacket, apply_packet, compute_dtype, probe_outputs
 from diffalign.config import RunConfig
-from diffalign.models.build import build_bundle, prepare_policy
+from diffalign.models.build import build_policy
 from diffalign.models.precision import autocast, mixed_precision_dtype
 
 OUTPUTS = ("latent", "pil")
@@ -35,10 +35,8 @@ class SamplerWorker:
         self.device = torch.device("cuda" if want_gpu else "cpu")
         # Half-precision autocast only where it pays (GPU); the probe check then uses its tolerance.
         self.autocast_dtype = mixed_precision_dtype(cfg.model.mixed_precision) if want_gpu else None
-        # Not seeded here: the tiny model seeds itself, and what is sampled depends on the packet loaded
-        # (or, under use_base_weights, on lora_B being zero), never on the initial LoRA draw.
-        bundle = build_bundle(cfg)
-        prepare_policy(bundle, cfg)
+        # The learner's initial policy, bit for bit (seeded as every process builds it).
+        bundle, _ = build_policy(cfg)
         self.modules: list[torch.nn.Module] = [bundle.unet]
         if cfg.model.train_text_encoder:
             self.modules += bundle.text_encoders

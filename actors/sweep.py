@@ -61,7 +61,7 @@ def _trial(params: dict, base: dict) -> None:
 
 
 def run_sweep(cfg: RunConfig) -> dict:
-    from diffalign.actors.learner import ensure_ray
+    from diffalign.actors.cluster import ensure_ray
     from diffalign.tracking import tracking_uri
     from ray import tune
     from ray.air.integrations.mlflow import MLflowLoggerCallback

@@ -34,7 +34,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import common
+import fixtures
+import measure
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
@@ -64,7 +65,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     unknown = set(args.sources) - {"synthetic", "pickapic"}
     if unknown or not args.sources:
         p.error(f"--sources takes synthetic and/or pickapic, got {args.sources}")
-    common.set_threads(args.threads, "cpu")
+    measure.set_threads(args.threads, "cpu")
     return args
 
 
@@ -97,7 +98,7 @@ def write_pickapic_parquet(path: Path, pairs: int, px: int, seed: int = 0) -> in
 
 def make_trainer(args, name: str, out: str, data_overrides: list[str]):
     from diffalign.config import load_config
-    from diffalign.train.loop import Trainer
+    from diffalign.train.driver import build_trainer
 
     _, latents, text, workers = VARIANTS[name]
     path = args.config or str(REPO / "configs" / "tiny" / f"{args.objective}.yaml")
@@ -108,7 +109,7 @@ def make_trainer(args, name: str, out: str, data_overrides: list[str]):
                  *data_overrides, *args.overrides]
     cfg = load_config(path, overrides)
     t0 = time.perf_counter()
-    trainer = Trainer(cfg, device="cpu", checkpoint_dir=str(Path(out) / "checkpoints"))
+    trainer = build_trainer(cfg, device="cpu", checkpoint_dir=str(Path(out) / "checkpoints"))
     return trainer, time.perf_counter() - t0, cfg
 
 
@@ -122,13 +123,13 @@ def stage_costs(naive, cached, reps: int = 30) -> dict:
     raw = collate_pairs([data[i] for i in idx])
     setup = naive.setup
     pixels = torch.cat([raw["chosen"], raw["rejected"]])
-    vae = [common.timed(lambda: setup.latent_encoder(pixels), "cpu") for _ in range(reps)]
-    text = [common.timed(lambda: setup.prompt_encoder(raw["prompts"]), "cpu") for _ in range(reps)]
+    vae = [measure.timed(lambda: setup.latent_encoder(pixels), "cpu") for _ in range(reps)]
+    text = [measure.timed(lambda: setup.prompt_encoder(raw["prompts"]), "cpu") for _ in range(reps)]
     cache = cached.setup.prompt_encoder
-    lookup = [common.timed(lambda: cache(raw["prompts"]), "cpu") for _ in range(reps)]
-    read = [common.timed(lambda: collate_pairs([data[i] for i in idx]), "cpu") for _ in range(reps)]
-    return {"vae_encode_ms": common.median_ms(vae), "text_encode_ms": common.median_ms(text),
-            "cached_embeddings_ms": common.median_ms(lookup), "read_and_collate_ms": common.median_ms(read),
+    lookup = [measure.timed(lambda: cache(raw["prompts"]), "cpu") for _ in range(reps)]
+    read = [measure.timed(lambda: collate_pairs([data[i] for i in idx]), "cpu") for _ in range(reps)]
+    return {"vae_encode_ms": measure.median_ms(vae), "text_encode_ms": measure.median_ms(text),
+            "cached_embeddings_ms": measure.median_ms(lookup), "read_and_collate_ms": measure.median_ms(read),
             "images_per_vae_call": int(pixels.shape[0]), "cached_prompts": len(cache),
             "cached_embedding_bytes": cache.nbytes}
 
@@ -149,16 +150,16 @@ def _unet_and_vae_flops(model: str, px: int) -> tuple[int, int]:
     meta = model != "tiny"
     with torch.device("meta" if meta else "cpu"):
         if meta:
-            unet = UNet2DConditionModel(**(common.SD15_UNET if model == "sd15" else common.SDXL_UNET))
-            vae = AutoencoderKL(**common.SD_VAE)
+            unet = UNet2DConditionModel(**(fixtures.SD15_UNET if model == "sd15" else fixtures.SDXL_UNET))
+            vae = AutoencoderKL(**fixtures.SD_VAE)
         else:
             bundle = build_tiny_bundle("sd15")
             unet, vae = bundle.unet, bundle.vae
-        tokens, hidden, pooled = common.TEXT_SHAPES[model]
+        tokens, hidden, pooled = fixtures.TEXT_SHAPES[model]
         kw = {"encoder_hidden_states": torch.randn(1, tokens, hidden)}
         if pooled:
             kw["added_cond_kwargs"] = {"text_embeds": torch.randn(1, pooled), "time_ids": torch.randn(1, 6)}
-        latents = torch.randn(1, *common.latent_shape(model))
+        latents = torch.randn(1, *fixtures.latent_shape(model))
         unet_f = _count_flops(lambda: unet(latents, torch.tensor([500]), **kw))
         vae_f = _count_flops(lambda: vae.encode(torch.randn(1, 3, px, px)))
     return unet_f, vae_f
@@ -212,17 +213,17 @@ def main(argv=None) -> None:
         for r in range(args.steps):
             k = r % len(order)
             for key in order[k:] + order[:k]:
-                times[key].append(common.timed(trainers[key].train_step, "cpu"))
+                times[key].append(measure.timed(trainers[key].train_step, "cpu"))
         stages = {s: stage_costs(trainers[(s, "naive")], trainers[(s, "cached")]) for s in sources}
     bound = flop_bound()
 
     rows, speedups = [], {}
     for source in sources:
-        med = {name: common.median_ms(times[(source, name)]) for name in VARIANTS}
+        med = {name: measure.median_ms(times[(source, name)]) for name in VARIANTS}
         speedups[source] = {"cached": med["naive"] / med["cached"],
                             "latents_only": med["naive"] / med["latents_only"]}
         for name, (label, *_) in VARIANTS.items():
-            q1, q3 = common.iqr_ms(times[(source, name)])
+            q1, q3 = measure.iqr_ms(times[(source, name)])
             rows.append({"source": source, "variant": name, "label": label, "median_ms": med[name],
                          "q1_ms": q1, "q3_ms": q3, "pairs_per_s": 1000.0 * cfg.optim.batch_size / med[name],
                          "naive_over_this": med["naive"] / med[name],
@@ -236,7 +237,7 @@ def main(argv=None) -> None:
           f"torch threads {torch.get_num_threads()}; {args.steps} timed steps each after {args.warmup} "
           "warm-up, all rows round-robin in one process.", "",
           "Data: " + "; ".join(f"`{s}` = {label}" for s, label in sources.items()) + ".", "",
-          common.markdown_table(rows, cols), ""]
+          measure.markdown_table(rows, cols), ""]
     for source, sp in speedups.items():
         st = stages[source]
         md += [f"**`{source}`: cached is {sp['cached']:.2f}x faster per step than naive** (target >= 3x: "
@@ -256,14 +257,14 @@ def main(argv=None) -> None:
     md += ["What skipping the VAE can buy at most, from counted FLOPs (`flop_bound`: real SD1.5 / SDXL "
            "configs on the meta device; the step's UNet work is 4 forwards for DPO, 3 for MaPO / SFT, "
            "+1 with gradient checkpointing; decode, text encoders and the optimizer left out):", "",
-           common.markdown_table(bound, bcols)]
+           measure.markdown_table(bound, bcols)]
     md = "\n".join(md)
     print(md, flush=True)
     payload = {"flop_bound": bound, "objective": cfg.objective.name, "batch": cfg.optim.batch_size,
                "steps": args.steps, "warmup": args.warmup, "source_px": args.source_px, "sources": sources,
                "rows": rows, "speedups": speedups, "stages": stages, "threads": torch.get_num_threads()}
     title = "Data pipeline: cached latents and prompt embeddings vs encoding each step"
-    paths = common.write_results("data_pipeline-tiny", "cpu", payload, md, args.out_dir, title=title)
+    paths = measure.write_results("data_pipeline-tiny", "cpu", payload, md, args.out_dir, title=title)
     print(f"wrote {paths[0]} and {paths[1]}", flush=True)
 
 

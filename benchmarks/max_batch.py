@@ -18,8 +18,10 @@ import argparse
 import gc
 import time
 
-import common
+import fixtures
+import measure
 import torch
+import variants
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -50,21 +52,21 @@ def try_batch(v, batch: int, device: str) -> tuple[bool, float | None, int | Non
     t = v.trainer
     t.order = BatchOrder(len(t.train_data), batch, t.cfg.train.seed)
     t.cfg.optim.batch_size = batch
-    common.free_device_memory(device)
+    measure.free_device_memory(device)
     cuda = torch.device(device).type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     ok = True
     try:
-        dt = common.timed(v.step, device)
+        dt = measure.timed(v.step, device)
     except Exception as e:  # noqa: BLE001
-        if not common.is_oom(e):
+        if not measure.is_oom(e):
             raise
         ok, dt = False, None
     if not ok:
         t.engine.zero_grad()
         gc.collect()
-        common.free_device_memory(device)
+        measure.free_device_memory(device)
         return False, None, None
     return True, dt, torch.cuda.max_memory_allocated() if cuda else None
 
@@ -128,16 +130,16 @@ def main(argv=None) -> None:
             if time.perf_counter() > end:
                 errors[key] = "not run: time budget spent"
                 continue
-        spec = common.Spec(model=model, device=args.device, dtype=args.dtype, batch=1,
-                           grad_checkpointing=not args.no_grad_checkpointing, fused_adam=args.fused_adam,
-                           reference_dtype=args.reference_dtype)
+        spec = variants.Spec(model=model, device=args.device, dtype=args.dtype, batch=1,
+                             grad_checkpointing=not args.no_grad_checkpointing, fused_adam=args.fused_adam,
+                             reference_dtype=args.reference_dtype)
         v = None
         log: list = []
         try:
-            common.free_device_memory(args.device)
-            v = common.TrainerVariant(spec, objective)
+            measure.free_device_memory(args.device)
+            v = variants.TrainerVariant(spec, objective)
             # enough cached-latent items for the largest batch tried
-            v.trainer.train_data = common.pair_items(model, args.max_batch)
+            v.trainer.train_data = fixtures.pair_items(model, args.max_batch)
             res = search(v, int(starts.get(model, 8)), args.max_batch, args.device, deadline, log,
                          args.precision)
             rows.append({"model": model, "objective": objective, **res})
@@ -148,7 +150,7 @@ def main(argv=None) -> None:
             if v is not None:
                 v.close()
             del v
-            common.free_device_memory(args.device)
+            measure.free_device_memory(args.device)
         save(args, rows, logs, errors, final=False)
     save(args, rows, logs, errors, final=True)
 
@@ -169,12 +171,12 @@ def save(args, rows, logs, errors, final: bool) -> None:
             ("pairs_per_s_at_max", "pairs/s at max"), ("peak_gib", "peak GiB"),
             ("complete", "search complete")]
     precision = "bf16 (fp32 weights + bf16 autocast)" if args.dtype == "bf16" else "fp32"
-    ref_note = common.reference_dtype_note(common.Spec(device=args.device, dtype=args.dtype,
-                                                       reference_dtype=args.reference_dtype))
+    ref_note = variants.reference_dtype_note(variants.Spec(device=args.device, dtype=args.dtype,
+                                                           reference_dtype=args.reference_dtype))
     md = [f"Full fine-tune, {precision}, gradient checkpointing "
           f"{not args.no_grad_checkpointing}, AdamW ({args.fused_adam}); DPO keeps a frozen reference copy "
           f"on the same GPU ({ref_note}); one Trainer.train_step per try.", "",
-          common.markdown_table(rows, cols), ""]
+          measure.markdown_table(rows, cols), ""]
     for model, r in ratios.items():
         md.append(f"- {model}: MaPO fits {r:.2f}x the pairs of DPO per GPU.")
     for key, why in errors.items():
@@ -187,8 +189,8 @@ def save(args, rows, logs, errors, final: bool) -> None:
     md = "\n".join(md)
     payload = {"rows": rows, "ratios": ratios, "errors": errors, "tries": logs, "dtype": args.dtype,
                "grad_checkpointing": not args.no_grad_checkpointing, "complete": final}
-    paths = common.write_results("max_batch", args.device, payload, md, args.out_dir,
-                                 title="Largest batch per GPU")
+    paths = measure.write_results("max_batch", args.device, payload, md, args.out_dir,
+                                  title="Largest batch per GPU")
     if final:
         print(md, flush=True)
         print(f"wrote {paths[0]} and {paths[1]}", flush=True)

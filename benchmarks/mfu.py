@@ -26,8 +26,9 @@ import re
 import statistics
 import time
 
-import common
+import measure
 import torch
+import variants
 
 VARIANTS = {
     # name: (Spec overrides, sdpa backend or None)
@@ -124,7 +125,7 @@ KERNEL_CLASSES = [
 def profile_step(v, steps: int = 2) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
-    common.sync("cuda")
+    measure.sync("cuda")
     t0 = time.perf_counter()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
@@ -173,8 +174,8 @@ def main(argv=None) -> None:
                    "objective": args.objective, "batch": args.batch, "model": args.model, "dtype": args.dtype,
                    "grad_checkpointing": args.grad_checkpointing, "complete": final,
                    "wall_s": time.perf_counter() - t_start}
-        paths = common.write_results(f"mfu-{args.model}", dev, payload, md, args.out_dir,
-                                     title=f"MFU: {args.model} {args.objective}")
+        paths = measure.write_results(f"mfu-{args.model}", dev, payload, md, args.out_dir,
+                                      title=f"MFU: {args.model} {args.objective}")
         if final:
             print(md, flush=True)
             print(f"wrote {paths[0]} and {paths[1]}", flush=True)
@@ -187,15 +188,15 @@ def main(argv=None) -> None:
             if elapsed + need > args.budget_s:
                 errors[name] = f"skipped: time budget ({elapsed:.0f} s used of {args.budget_s:.0f})"
                 continue
-        spec = common.Spec(**base, **overrides)
-        common.free_device_memory(dev)
+        spec = variants.Spec(**base, **overrides)
+        measure.free_device_memory(dev)
         torch._dynamo.reset()
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         v = None
         try:
             t0 = time.perf_counter()
-            v = common.TrainerVariant(spec, args.objective)
+            v = variants.TrainerVariant(spec, args.objective)
             with sdpa_context(backend):
                 for _ in range(args.warmup):
                     v.step()
@@ -203,16 +204,16 @@ def main(argv=None) -> None:
                 if state["flops"] is None and name not in COMPILED:
                     state["flops"] = count_flops(v)
                     print(f"step FLOPs: {state['flops']['total'] / 1e9:.1f} GFLOP", flush=True)
-                times = [common.timed(v.step, dev) for _ in range(args.steps)]
+                times = [measure.timed(v.step, dev) for _ in range(args.steps)]
                 if name == "fused_adam" and cuda and not args.no_profile:
                     state["prof"] = profile_step(v)
-            ms = common.median_ms(times)
+            ms = measure.median_ms(times)
             rows.append({"variant": name, "median_ms": ms, "build_and_warmup_s": warm,
                          "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
                          "optimizer": v.optimizer_desc})
             print(f"{name}: {ms:.1f} ms", flush=True)
         except Exception as e:  # noqa: BLE001
-            errors[name] = ("out of memory: " if common.is_oom(e) else "") + repr(e)[:400]
+            errors[name] = ("out of memory: " if measure.is_oom(e) else "") + repr(e)[:400]
             print(f"{name}: failed {errors[name]}", flush=True)
         finally:
             if v is not None:
@@ -239,7 +240,7 @@ def render(args, peak, flops, rows, errors, prof) -> str:
         top = sorted(flops["by_op"].items(), key=lambda kv: -kv[1])[:6]
         shares = [f"{k.replace('aten.', '')} {100 * n / total:.0f}%" for k, n in top]
         out.append("By op: " + ", ".join(shares) + ".")
-    out += ["", common.markdown_table(rows, cols), ""]
+    out += ["", measure.markdown_table(rows, cols), ""]
     for name, why in errors.items():
         out.append(f"- `{name}`: {why}")
     if prof:

@@ -28,8 +28,10 @@ import shutil
 import tempfile
 import time
 
-import common
+import fixtures
+import measure
 import torch
+import variants
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -40,7 +42,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1)")
     p.add_argument("--out-dir", default=None)
     args = p.parse_args(argv)
-    common.set_threads(args.threads, "cpu")
+    measure.set_threads(args.threads, "cpu")
     return args
 
 
@@ -60,10 +62,10 @@ def pickled_bytes(obj) -> int:
 
 def reference_inputs(model: str, batch: int, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
-    shape = (2 * batch, *common.latent_shape(model))
+    shape = (2 * batch, *fixtures.latent_shape(model))
     noisy, target = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
     timesteps = torch.randint(0, 1000, (batch,), generator=g).repeat(2)
-    cond = common.StaticPromptEncoder(model)([common.PROMPTS[i] for i in range(batch)]).repeat(2)
+    cond = fixtures.StaticPromptEncoder(model)([fixtures.PROMPTS[i] for i in range(batch)]).repeat(2)
     return noisy, timesteps, cond, target
 
 
@@ -71,8 +73,8 @@ def unet_param_bytes(model: str) -> int:
     from diffusers import UNet2DConditionModel
 
     if model == "tiny":
-        return sum(p.numel() * 4 for p in common.build_unet("tiny").parameters())
-    cfg = {"sd15": common.SD15_UNET, "sdxl": common.SDXL_UNET}[model]
+        return sum(p.numel() * 4 for p in fixtures.build_unet("tiny").parameters())
+    cfg = {"sd15": fixtures.SD15_UNET, "sdxl": fixtures.SDXL_UNET}[model]
     with torch.device("meta"):
         unet = UNet2DConditionModel(**cfg)
     return sum(p.numel() * 4 for p in unet.parameters())
@@ -83,7 +85,7 @@ def bytes_per_step(model: str, batch: int) -> dict:
     noisy, timesteps, cond, target = reference_inputs(model, batch)
     sent = tensor_bytes([noisy, timesteps, cond.tensors(), target])
     reply = 2 * batch * 4
-    latents = batch * 4 * int(torch.tensor(common.latent_shape(model)).prod())
+    latents = batch * 4 * int(torch.tensor(fixtures.latent_shape(model)).prod())
     return {"model": model, "batch": batch, "reference_request_bytes": sent, "reference_reply_bytes": reply,
             "sampler_reply_bytes": latents, "weight_packet_fp32_bytes": unet_param_bytes(model)}
 
@@ -95,10 +97,10 @@ def main(argv=None) -> None:
     from diffalign.actors.sampler_worker import SamplerWorker
     from diffalign.reference import build_reference
 
-    ray = common.ensure_ray()
-    spec = common.Spec(model="tiny", batch=args.batch)
-    learner = common.build_variant("dpo", spec)
-    learner_actor = common.build_variant("dpo_actor", spec)
+    ray = fixtures.ensure_ray()
+    spec = variants.Spec(model="tiny", batch=args.batch)
+    learner = variants.build_variant("dpo", spec)
+    learner_actor = variants.build_variant("dpo_actor", spec)
     remote = learner_actor.ray_reference
     cfg = learner_actor.cfg
     unet = learner.unet
@@ -107,7 +109,7 @@ def main(argv=None) -> None:
 
     cfg.ray.sampler.num = 1
     cfg.ray.sampler.num_cpus = 1
-    prompts = [common.PROMPTS[i] for i in range(args.batch)]
+    prompts = [fixtures.PROMPTS[i] for i in range(args.batch)]
     seeds = list(range(args.batch))
     t0 = time.perf_counter()
     local_sampler = SamplerWorker(cfg)
@@ -168,12 +170,12 @@ def main(argv=None) -> None:
     for r in range(args.reps):
         k = r % len(names)
         for n in names[k:] + names[:k]:
-            times[n].append(common.timed(items[n], "cpu"))
+            times[n].append(measure.timed(items[n], "cpu"))
 
     rows = []
     for n in names:
-        q1, q3 = common.iqr_ms(times[n])
-        rows.append({"item": n, "median_ms": common.median_ms(times[n]), "q1_ms": q1, "q3_ms": q3})
+        q1, q3 = measure.iqr_ms(times[n])
+        rows.append({"item": n, "median_ms": measure.median_ms(times[n]), "q1_ms": q1, "q3_ms": q3})
     med = {r["item"]: r["median_ms"] for r in rows}
     step_ms = med["learner step, dpo, reference colocated"]
     for r in rows:
@@ -209,7 +211,7 @@ def main(argv=None) -> None:
           f"sampler {s.inference_steps} denoising steps with CFG {s.guidance_scale}; {args.reps} rounds "
           f"after {args.warmup} warm-up, round-robin; torch threads {torch.get_num_threads()} (actors: "
           f"OMP_NUM_THREADS=1). Ray {ray.__version__}; pool + actors started in {setup_s:.1f} s.", "",
-          common.markdown_table(rows, cols), "",
+          measure.markdown_table(rows, cols), "",
           f"- Reference actor overhead per step: {derived['reference_actor_overhead_ms']:.1f} ms "
           "(round trip minus the same forward colocated); learner step with the actor reference / "
           f"colocated: {derived['learner_step_actor_over_colocated']:.2f}x.",
@@ -240,8 +242,8 @@ def main(argv=None) -> None:
     payload = {"batch": args.batch, "reps": args.reps, "rows": rows, "derived": derived,
                "measured_bytes": measured_bytes, "bytes_per_step": shapes, "ray": ray.__version__,
                "setup_s": setup_s, "threads": torch.get_num_threads()}
-    paths = common.write_results("ray_overhead-tiny", "cpu", payload, md, args.out_dir,
-                                 title="Ray overhead: actor round trips vs the learner step")
+    paths = measure.write_results("ray_overhead-tiny", "cpu", payload, md, args.out_dir,
+                                  title="Ray overhead: actor round trips vs the learner step")
     print(f"wrote {paths[0]} and {paths[1]}", flush=True)
 
 

@@ -39,7 +39,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from common import RESULTS_DIR, command_line, describe_machine, machine  # noqa: E402
+from measure import RESULTS_DIR, command_line, describe_machine, machine  # noqa: E402
 from torch import nn  # noqa: E402
 
 METHODS = {
@@ -174,12 +174,13 @@ class _RefHistory:
 
 
 def _train(cfg, bundle, data) -> dict:
-    from diffalign.train.loop import Trainer
+    from diffalign.train.driver import build_trainer
     from diffalign.train.setup import build_setup
 
     setup = build_setup(cfg, "cpu", bundle=bundle)
     history = _RefHistory(cfg.reference.tau)
-    trainer = Trainer(cfg, setup=setup, train_data=data, heldout_data=None, callbacks=[history])
+    trainer = build_trainer(cfg, setup=setup, device="cpu", train_data=data, heldout_data=None,
+                            callbacks=[history])
     t0 = time.perf_counter()
     summary = trainer.fit()
     summary["train_s"] = time.perf_counter() - t0

@@ -35,8 +35,9 @@ import json
 import sys
 import time
 
-import common
+import measure
 import torch
+import variants
 
 ALL = ["sft", "mapo", "dpo", "dpo_bf16ref", "dpo_actor", "xdpo", "baseline", "baseline_fused"]
 
@@ -74,15 +75,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.steps = args.steps or (10 if cuda else 60)
     args.warmup = args.warmup if args.warmup is not None else (3 if cuda else 5)
     args.schedule = args.schedule or ("sequential" if cuda else "interleave")
-    common.set_threads(args.threads, args.device)
+    measure.set_threads(args.threads, args.device)
     return args
 
 
-def make_spec(args) -> common.Spec:
-    return common.Spec(model=args.model, device=args.device, dtype=args.dtype, batch=args.batch,
-                       grad_checkpointing=args.grad_checkpointing, compile=args.compile,
-                       channels_last=args.channels_last, fused_adam=args.fused_adam, finetune=args.finetune,
-                       reference_dtype=args.reference_dtype)
+def make_spec(args) -> variants.Spec:
+    return variants.Spec(model=args.model, device=args.device, dtype=args.dtype, batch=args.batch,
+                         grad_checkpointing=args.grad_checkpointing, compile=args.compile,
+                         channels_last=args.channels_last, fused_adam=args.fused_adam, finetune=args.finetune,
+                         reference_dtype=args.reference_dtype)
 
 
 def choose_variants(args) -> tuple[list[str], dict[str, str]]:
@@ -97,7 +98,7 @@ def choose_variants(args) -> tuple[list[str], dict[str, str]]:
         names.remove("dpo_actor")
         skipped["dpo_actor"] = "runs on the tiny model only (the actor rebuilds its model from the config)"
     if "dpo_actor" in names:
-        ok, why = common.actor_reference_available()
+        ok, why = variants.actor_reference_available()
         if not ok:
             names.remove("dpo_actor")
             skipped["dpo_actor"] = why
@@ -114,19 +115,19 @@ def probe_memory(args) -> None:
     spec = make_spec(args)
     # A throwaway copy of the same variant first: libraries, kernels and lazily built state that every
     # variant pays once (oneDNN, autograd, Ray's driver) are then resident before the measurement.
-    warm = common.build_variant(args.probe_memory, spec)
+    warm = variants.build_variant(args.probe_memory, spec)
     for _ in range(2):
         warm.step()
     warm.close()
     del warm
-    common.release_freed_memory()
-    reset = common.reset_peak_rss()
-    before = common.rss_bytes()
-    v = common.build_variant(args.probe_memory, spec)
-    after_build = common.rss_bytes()
+    measure.release_freed_memory()
+    reset = measure.reset_peak_rss()
+    before = measure.rss_bytes()
+    v = variants.build_variant(args.probe_memory, spec)
+    after_build = measure.rss_bytes()
     for _ in range(args.warmup + args.steps):
         v.step()
-    peak = common.peak_rss_bytes()
+    peak = measure.peak_rss_bytes()
     print(json.dumps({"peak_rss_delta": peak - before, "rss_after_build_delta": after_build - before,
                       "hwm_reset": reset}))
 
@@ -141,15 +142,15 @@ def bookkeeping(variant, device, reps: int = 20) -> dict:
     params = [p for p in engine.params if p.grad is not None]
     if not params:
         return {}
-    t_clip = [common.timed(engine.grad_norm_and_clip, device) for _ in range(reps)]
-    return {"grad_norm_and_clip_ms": common.median_ms(t_clip), "num_param_tensors": len(params)}
+    t_clip = [measure.timed(engine.grad_norm_and_clip, device) for _ in range(reps)]
+    return {"grad_norm_and_clip_ms": measure.median_ms(t_clip), "num_param_tensors": len(params)}
 
 
 def run_interleaved(names, spec, args, rows, errors) -> dict:
     built = {}
     for name in names:
         try:
-            built[name] = common.build_variant(name, spec)
+            built[name] = variants.build_variant(name, spec)
         except Exception as e:  # noqa: BLE001 - one broken row must not lose the others
             errors[name] = f"build failed: {e!r}"
     for _ in range(args.warmup):
@@ -164,7 +165,7 @@ def run_interleaved(names, spec, args, rows, errors) -> dict:
     for r in range(args.steps):
         k = r % max(1, len(order))
         for name in order[k:] + order[:k]:
-            times[name].append(common.timed(built[name].step, spec.device))
+            times[name].append(measure.timed(built[name].step, spec.device))
     extra = {}
     if "dpo" in built:
         extra = bookkeeping(built["dpo"], spec.device)
@@ -180,7 +181,7 @@ def run_sequential(names, spec, args, rows, errors, save) -> dict:
     cuda = torch.device(spec.device).type == "cuda"
     extra = {}
     for name in names:
-        common.free_device_memory(spec.device)
+        measure.free_device_memory(spec.device)
         if spec.compile != "none":
             torch._dynamo.reset()
         base = torch.cuda.memory_allocated() if cuda else 0
@@ -189,11 +190,11 @@ def run_sequential(names, spec, args, rows, errors, save) -> dict:
         v = None
         try:
             t0 = time.perf_counter()
-            v = common.build_variant(name, spec)
+            v = variants.build_variant(name, spec)
             for _ in range(args.warmup):
                 v.step()
             warm_s = time.perf_counter() - t0
-            times = [common.timed(v.step, spec.device) for _ in range(args.steps)]
+            times = [measure.timed(v.step, spec.device) for _ in range(args.steps)]
             row = _row(name, v, times, spec)
             row["build_and_warmup_s"] = warm_s
             if cuda:
@@ -203,19 +204,19 @@ def run_sequential(names, spec, args, rows, errors, save) -> dict:
             rows.append(row)
             print(f"{name}: {row['median_ms']:.1f} ms", flush=True)
         except Exception as e:  # noqa: BLE001
-            errors[name] = ("out of memory: " if common.is_oom(e) else "") + repr(e)[:500]
+            errors[name] = ("out of memory: " if measure.is_oom(e) else "") + repr(e)[:500]
         finally:
             if v is not None:
                 v.close()
             del v
         save(extra, final=False)
-    common.free_device_memory(spec.device)
+    measure.free_device_memory(spec.device)
     return extra
 
 
 def _row(name, v, times, spec) -> dict:
-    ms = common.median_ms(times)
-    q1, q3 = common.iqr_ms(times)
+    ms = measure.median_ms(times)
+    q1, q3 = measure.iqr_ms(times)
     return {"variant": name, "label": v.label, "objective": v.objective, "median_ms": ms, "q1_ms": q1,
             "q3_ms": q3, "steps": len(times), "pairs_per_s": 1000.0 * spec.batch / ms,
             "optimizer": v.optimizer_desc}
@@ -230,7 +231,7 @@ def cpu_memory(names, args, rows) -> None:
         argv = [sys.argv[0], *base, "--probe-memory", name, "--steps", "3", "--warmup", "2"]
         # A fixed mmap threshold makes glibc give every freed block over 64 KiB back to the OS at once,
         # so the resident set follows the live tensors instead of the allocator's high-water mark.
-        res = common.run_child(argv, timeout=1800, env={"MALLOC_MMAP_THRESHOLD_": "65536"})
+        res = measure.run_child(argv, timeout=1800, env={"MALLOC_MMAP_THRESHOLD_": "65536"})
         if "error" in res:
             by_name[name]["memory_note"] = res["error"][:300]
             continue
@@ -290,10 +291,10 @@ def render(rows, rat, skipped, errors, extra, spec, args) -> str:
     out = [f"Model **{spec.model}**, device {spec.device}, dtype {spec.dtype}, batch {spec.batch} pairs "
            f"({2 * spec.batch} images per forward), finetune {spec.finetune}, grad checkpointing "
            f"{spec.grad_checkpointing}, compile {spec.compile}, channels_last {spec.channels_last}, "
-           f"fused AdamW {spec.fused_adam}, {common.reference_dtype_note(spec)}; {args.steps} timed steps "
+           f"fused AdamW {spec.fused_adam}, {variants.reference_dtype_note(spec)}; {args.steps} timed steps "
            f"after {args.warmup} warm-up, "
            f"schedule {args.schedule}, torch threads {torch.get_num_threads()}.", "",
-           common.markdown_table(rows, cols), ""]
+           measure.markdown_table(rows, cols), ""]
     if rat:
         out += ["| ratio | value |", "|---|---|"]
         out += [f"| {RATIO_TEXT.get(k, k)} | {v:.2f} |" for k, v in rat.items()]
@@ -342,12 +343,12 @@ def main(argv=None) -> None:
         if not final:
             md += f"\n\n(partial: {len(rows)} of {len(names)} variants done)"
         name = args.name or f"step_time-{args.model}"
-        payload = {"spec": common.spec_dict(spec), "steps": args.steps, "warmup": args.warmup,
+        payload = {"spec": variants.spec_dict(spec), "steps": args.steps, "warmup": args.warmup,
                    "schedule": args.schedule, "rows": rows, "ratios": rat, "skipped": skipped,
                    "errors": errors, "trainer_bookkeeping": extra, "complete": final,
                    "wall_s": time.perf_counter() - t0}
-        paths = common.write_results(name, args.device, payload, md, args.out_dir,
-                                     title=f"Step time: {args.model}")
+        paths = measure.write_results(name, args.device, payload, md, args.out_dir,
+                                      title=f"Step time: {args.model}")
         if final:
             print(md, flush=True)
             print(f"wrote {paths[0]} and {paths[1]}", flush=True)

@@ -51,7 +51,7 @@ def main() -> None:
         print(f"invalid config: ray.sampler.num must be >= 1 to generate images, got {s.num}",
               file=sys.stderr)
         sys.exit(2)
-    from diffalign.actors.learner import ensure_ray
+    from diffalign.actors.cluster import ensure_ray
     from diffalign.actors.sampler import SamplerPool
     from diffalign.curate import VLMJudge, build_pair_dataset, build_text_generator
     from diffalign.curate.llm import resolve_backend

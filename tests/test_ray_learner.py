@@ -56,7 +56,7 @@ def test_worker_checkpoint_resumes_exactly(tiny_cfg, tmp_path):
 
 
 def test_mlflow_record_of_a_failed_or_fresh_ray_run(tiny_cfg):
-    from diffalign.actors import tracking
+    from diffalign import tracking
     from diffalign.tracking import tracking_uri
     from mlflow.tracking import MlflowClient
 

@@ -161,7 +161,7 @@ class TrackingConfig:
     num_sample_prompts: int = 4
     sample_steps: int = 8
     # Periodic reward-model score (train.score_every > 0), see diffalign.train.reward_eval:
-    scorers: str | None = None  # "name:path,..." as recipes/evaluate.py --scorers (e.g. pickscore)
+    scorers: str | None = None  # "name:path,..." as eval.scorers (e.g. "pickscore:/models/pickscore")
     score_prompts: str | None = None  # prompt file; None -> held-out prompts, else the tiny synthetic ones
     score_num_prompts: int = 4  # first N prompts are scored
     score_seeds: str = "0,1"  # one image per (prompt, seed), the same seeds at every evaluation

@@ -21,7 +21,7 @@ class Scorer:
 
     def __init__(
         self, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, batch_size: int = 16
-    ):
+    ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.device = torch.device(device)

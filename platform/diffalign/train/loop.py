@@ -32,7 +32,7 @@ from diffalign.train.data_order import BatchOrder
 from diffalign.train.diagnostics import TimestepBins
 from diffalign.train.guards import OK, ROLLBACK, StabilityGuard
 from diffalign.train.heldout import HeldoutEvaluator
-from diffalign.train.protocols import BatchSource, Engine
+from diffalign.train.protocols import BatchSource, Callback, Engine
 from diffalign.train.read_ahead import ReadAhead, read_items
 from diffalign.train.setup import Setup
 from diffalign.train.step import make_batch
@@ -50,7 +50,7 @@ class Trainer:
     and a `Runtime` (device, rank, engine, reference, data, callbacks): the one place that does."""
 
     def __init__(self, cfg: RunConfig, setup: Setup, engine: Engine, train_data, heldout_data=None,
-                 batch_source: BatchSource | None = None, callbacks: Sequence = (), rank: int = 0,
+                 batch_source: BatchSource | None = None, callbacks: Sequence[Callback] = (), rank: int = 0,
                  world_size: int = 1, device: torch.device | str = "cpu",
                  checkpoint_dir: str | Path | None = None, data_issues=None) -> None:
         self.cfg, self.rank, self.world_size, self.device = cfg, rank, world_size, torch.device(device)

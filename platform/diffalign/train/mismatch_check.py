@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from diffalign.config import RunConfig
+
+if TYPE_CHECKING:
+    from diffalign.tracking import MlflowTracker
 
 log = logging.getLogger(__name__)
 
@@ -23,8 +27,9 @@ SKIPPED = ("reference-mismatch probe skipped; set data.mismatch_probe=<CLIP or D
 METRICS = ("mean_distance", "floor_distance", "excess_over_floor", "centroid_distance")
 
 
-def check_reference_mismatch(cfg: RunConfig, dataset, device: str | torch.device | None = None,
-                             tracker=None) -> dict[str, Any] | None:
+def check_reference_mismatch(cfg: RunConfig, dataset: Sequence[dict[str, Any]] | None,
+                             device: str | torch.device | None = None,
+                             tracker: MlflowTracker | None = None) -> dict[str, Any] | None:
     """Runs the probe on the first `data.mismatch_probe_n` pairs of `dataset` when `data.mismatch_probe`
     names an embedder; prints the value and its note, writes `<output_dir>/mismatch.json` and logs
     `mismatch.*` metrics and params to `tracker` (an MlflowTracker). Returns None when not configured."""

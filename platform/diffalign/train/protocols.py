@@ -1,6 +1,7 @@
-"""The extension points of the training loop, typed: what a callback, an engine and a batch source
-provide. The loop calls a callback's methods only where the callback defines them, so a callback
-implements just the events it cares about; `Callback` is a no-op base for those who like one.
+"""The extension points of the training loop, typed as Protocols: what a callback, an engine and a
+batch source provide. The loop calls a callback's methods only where the callback defines them, so a
+callback may implement just the events it cares about; subclassing `Callback` gives no-op defaults
+for the rest (and a type checker the whole interface).
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ CALLBACK_EVENTS = ("on_start", "on_before_backward", "on_after_backward", "on_st
                    "on_checkpoint", "on_end", "on_weights_saved")
 
 
-class Callback:
-    """Trainer events (all optional).
+class Callback(Protocol):
+    """Trainer events (each optional).
 
     - on_start(trainer): after resume / restore, before the first step;
     - on_before_backward(trainer, loss) -> loss: may replace the micro-batch loss (e.g. the mean

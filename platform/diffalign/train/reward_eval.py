@@ -21,6 +21,7 @@ import json
 import logging
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
@@ -34,6 +35,9 @@ from diffalign.models.precision import autocast, mixed_precision_dtype
 from diffalign.models.sampling import generate_images, image_grid
 from diffalign.specs import load_prompts, parse_scorers, parse_seeds
 from diffalign.tracking import attached_tracker
+
+if TYPE_CHECKING:  # the type name only: importing the loop would pull in the whole training stack
+    from diffalign.train.loop import Trainer
 
 log = logging.getLogger(__name__)
 GENERATE_BATCH = 8
@@ -60,7 +64,7 @@ class RewardEvaluator:
         self.unlogged_metrics: list[tuple[int, dict[str, float]]] = []
 
     # --- Trainer callback hooks
-    def on_start(self, trainer) -> None:
+    def on_start(self, trainer: Trainer) -> None:
         if not trainer.is_main:
             return
         # Loaded here, not per evaluation; a bad checkpoint fails before the first step.
@@ -72,14 +76,14 @@ class RewardEvaluator:
             self.unlogged_metrics.append((0, self.evaluate(trainer)))
             self._flush(trainer)
 
-    def on_step(self, trainer, metrics: dict) -> None:
+    def on_step(self, trainer: Trainer, metrics: dict) -> None:
         if not trainer.is_main:
             return
         if trainer.step % self.every == 0 or trainer.step == self.cfg.train.max_steps:
             metrics.update(self._evaluate_or_warn(trainer))  # the tracker logs them with this step's metrics
         self._flush(trainer)
 
-    def on_end(self, trainer, summary: dict) -> None:
+    def on_end(self, trainer: Trainer, summary: dict) -> None:
         if not (trainer.is_main and self.scorers):
             return
         # A run resumed at its last step has had no on_step: score the final weights once.
@@ -88,7 +92,7 @@ class RewardEvaluator:
             self.unlogged_metrics.append((trainer.step, scores))
         self._flush(trainer)
 
-    def _evaluate_or_warn(self, trainer) -> dict[str, float]:
+    def _evaluate_or_warn(self, trainer: Trainer) -> dict[str, float]:
         try:
             return self.evaluate(trainer)
         except Exception:  # a failed evaluation must not end a long run (or lose its weights); say why
@@ -96,7 +100,7 @@ class RewardEvaluator:
             return {}
 
     # --- evaluation
-    def evaluate(self, trainer) -> dict[str, float]:
+    def evaluate(self, trainer: Trainer) -> dict[str, float]:
         """Scores the current policy on the fixed (prompt, seed) items; writes the grid."""
         prompts = [p for p in self.prompts for _ in self.seeds]
         seeds = [s for _ in self.prompts for s in self.seeds]
@@ -108,7 +112,7 @@ class RewardEvaluator:
         self.last_step = trainer.step
         return metrics
 
-    def _generate(self, trainer, prompts: list[str], seeds: list[int]) -> list[Image.Image]:
+    def _generate(self, trainer: Trainer, prompts: list[str], seeds: list[int]) -> list[Image.Image]:
         bundle, device = trainer.setup.bundle, trainer.device
         modules = trainer.setup.trainable_modules
         modes = [m.training for m in modules]
@@ -130,7 +134,7 @@ class RewardEvaluator:
                 for m, was in zip(modules, modes):
                     m.train(was)
 
-    def _fixed_prompts(self, trainer) -> list[str]:
+    def _fixed_prompts(self, trainer: Trainer) -> list[str]:
         t, d = self.cfg.tracking, self.cfg.data
         if t.score_prompts:
             return load_prompts(t.score_prompts, limit=t.score_num_prompts)
@@ -150,7 +154,7 @@ class RewardEvaluator:
             f.write(json.dumps({"step": step, **metrics}) + "\n")
         self.unlogged_grids.append(path)
 
-    def _flush(self, trainer) -> None:
+    def _flush(self, trainer: Trainer) -> None:
         tracker = attached_tracker(trainer)
         if tracker is None:
             return
