@@ -77,13 +77,14 @@ def default_device(cfg: RunConfig) -> torch.device:
 
 def _training_data(cfg: RunConfig, setup: Setup, rt: Runtime, is_main: bool) -> TrainingData:
     if rt.data is not None:
-        return rt.data(cfg, setup, rt)
-    if rt.train_data is not None:
+        data = rt.data(cfg, setup, rt)
+    elif rt.train_data is not None:
         data = TrainingData(rt.train_data, rt.heldout_data, rt.batch_source)
     else:
         train, held = build_datasets(cfg)
         data = TrainingData(train, held, rt.batch_source)
-    data.issues = getattr(data.train, "issues", None)  # before caching wraps the reader
+    if data.issues is None:  # before caching wraps the reader
+        data.issues = getattr(data.train, "issues", None)
     if cfg.data.cache_latents and not cfg.online.enabled and "chosen" in data.train[0]:
         data.train = CachedPairs(data.train, setup.latent_encoder, progress=is_main and cfg.train.progress)
     return data

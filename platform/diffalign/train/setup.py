@@ -9,7 +9,7 @@ import torch
 
 from diffalign.config import RunConfig
 from diffalign.data.synthetic import SyntheticPairs
-from diffalign.models.build import build_bundle, prepare_policy, trainable_modules
+from diffalign.models.build import build_policy, prepare_policy, trainable_modules
 from diffalign.models.bundle import ModelBundle
 from diffalign.models.conditioning import PromptEncoder
 from diffalign.models.denoiser import Denoiser
@@ -52,8 +52,10 @@ def build_setup(
     cfg: RunConfig, device: torch.device | str = "cpu", bundle: ModelBundle | None = None, reference=None
 ) -> Setup:
     """`reference` may be passed in (e.g. a Ray ReferenceActor client); else built colocated."""
-    bundle = bundle or build_bundle(cfg)
-    groups = prepare_policy(bundle, cfg)
+    if bundle is None:
+        bundle, groups = build_policy(cfg)  # seeded and ordered as in every other process
+    else:
+        groups = prepare_policy(bundle, cfg)
     for module in [bundle.unet, bundle.vae, *bundle.text_encoders]:
         module.to(device)
     denoiser = Denoiser(bundle.noise_scheduler)
