@@ -12,6 +12,12 @@ every rank passes the number of steps it has completed with each `errors` call a
 answers only once it has applied that many steps. So every rank computes step k+1 against the
 reference as of step k, whatever the order in which the calls arrive.
 
+periodic_threshold decides on the actor from the same probe set as a colocated reference: at the
+step every rank's probe set is complete, all ranks gather them (`diffalign.reference.gather_probe`,
+a torch.distributed collective) and rank 0 sends the whole set once; the actor's reference fixes
+its timesteps and noise with the same seed and evaluates all of it, so it gets the estimate and
+takes the decision that the ranks of a colocated run would all take.
+
 Persistence: after every change the actor writes its reference state (and the step it has
 applied) under `<output_dir>/reference_actor/`; a restarted actor reloads it, so it comes back
 with the same weights and version instead of a silently re-initialised reference.
@@ -32,7 +38,8 @@ from diffalign.models.conditioning import Conditioning
 from diffalign.models.denoiser import Denoiser
 from diffalign.models.precision import autocast, mixed_precision_dtype
 from diffalign.models.weights import load_trainable_state_dict, state_fingerprint, trainable_state_dict
-from diffalign.reference import PendingErrors
+from diffalign.reference import PendingErrors, gather_probe
+from diffalign.reference.divergence import data_parallel_world
 
 MAX_RESTARTS = 3
 MAX_TASK_RETRIES = 3
@@ -123,11 +130,17 @@ class ReferenceServer:
             probe = dict(probe)
             probe["cond"] = Conditioning(**{k: v.to(self.device) for k, v in probe["cond"].items()})
             probe = {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in probe.items()}
-        before = (self.ref.version, self.ref.frozen, self.ref.last_divergence)
-        metrics = self.ref.on_step(step, probe)
+        before = self._signature()
+        # The actor holds the one reference and gets the probe set of all ranks: nothing to pool.
+        metrics = self.ref.on_step(step, probe, world_size=1)
         self.step = step
-        self._persist(weights_changed=(self.ref.version, self.ref.frozen, self.ref.last_divergence) != before)
+        self._persist(weights_changed=self._signature() != before)
         return metrics
+
+    def _signature(self) -> tuple:
+        """What a change of makes the persisted reference state stale (the probe set included)."""
+        return (self.ref.version, self.ref.frozen, self.ref.last_divergence,
+                getattr(self.ref, "probe", None) is not None)
 
     def state_dict(self) -> dict:
         state = self.ref.state_dict()
@@ -241,10 +254,15 @@ class RemoteReference:
         self._metrics: dict[str, float] = {"ref/version": 0.0,
                                            "ref/frozen": float(self.strategy in ("none", "frozen"))}
         self._weights_fn = None
+        self._probe_sent = False  # the actor has the probe set (same on every rank: see on_step)
 
     @property
     def active(self) -> bool:
         return self.strategy != "none"
+
+    @property
+    def needs_probe(self) -> bool:
+        return self.strategy == "periodic_threshold"
 
     @property
     def version(self) -> int:
@@ -288,17 +306,27 @@ class RemoteReference:
                target: torch.Tensor) -> torch.Tensor | None:
         return self.request_errors(noisy, timesteps, cond, target).result()
 
-    def on_step(self, step: int, probe: dict | None = None) -> dict[str, float]:
+    def on_step(self, step: int, probe: dict | None = None,
+                world_size: int | None = None) -> dict[str, float]:
         self._step = step
-        if not self.driver or not self.active:
+        if not self.active:
             return self.metrics()
-        weights = probe_out = None
+        probe_out = None
+        if self.needs_probe and probe is not None and not self._probe_sent:
+            # Every rank's probe set is complete at the same step: all ranks gather here, rank 0 sends;
+            # the source ranks make the actor draw each sample's noise as that rank would.
+            rank, world = data_parallel_world(world_size)
+            tagged = {**probe, "source_rank": torch.full((probe["latents"].shape[0],), rank)}
+            gathered = gather_probe(tagged, world)
+            self._probe_sent = True
+            probe_out = _pack_probe(gathered) if self.driver else None
+        if not self.driver:
+            return self.metrics()
+        weights = None
         if self.needs_policy_at(step):
             if self._weights_fn is None:
                 raise RuntimeError("RemoteReference.bind(policy_unet) must be called before training")
             weights = self._weights_fn()
-            if self.strategy == "periodic_threshold":
-                probe_out = _pack_probe(probe)
         self._metrics = ray.get(self.actor.on_step.remote(step, weights, probe_out))
         return self.metrics()
 
@@ -312,4 +340,5 @@ class RemoteReference:
         # Every rank loads (the same state): each rank's own load then precedes its next query.
         ray.get(self.actor.load_state_dict.remote(state))
         self._step = int(state.get("step", 0))
+        self._probe_sent = state.get("probe") is not None
         self._metrics = ray.get(self.actor.metrics.remote())

@@ -319,8 +319,8 @@ def render(rows, rat, skipped, errors, extra, spec, args) -> str:
                "minus its RSS just before the model was built (weights, grads, AdamW state, reference copy, "
                "activations, allocator slack).")
     out.append("Memory: " + how)
-    out.append("SFT runs the step's shared forward over chosen and rejected (the rejected errors feed its "
-               "margin diagnostic), so its cost is MaPO's minus the loss math.")
+    out.append("SFT runs the policy over the chosen images only (its rejected-image margin diagnostic, "
+               "objective.rejected_diagnostic, is off by default), so its forward is half MaPO's.")
     return "\n".join(out)
 
 

@@ -100,3 +100,18 @@ def test_heldout_eval_encodes_prompts_with_the_trained_text_encoder(tiny_cfg):
             p.add_(0.5)  # the UNet is untouched: only the conditioning changes
     after = trainer.heldout.evaluate()
     assert abs(after["heldout/mse_w"] - before["heldout/mse_w"]) > 1e-6
+
+
+def test_cached_and_uncached_reads_draw_the_same_latents(tiny_cfg):
+    """data.latent_sampling=sample: a cached read holds the sample the uncached read of the same step
+    draws (same seeds per (epoch, index)), so both train on the same latents; the posterior means
+    (latent_sampling=mean) are other latents."""
+    base = ("data.num_pairs=8", "optim.batch_size=4")
+    variants = {"cached": (), "uncached": ("data.cache_latents=false",),
+                "mean": ("data.latent_sampling=mean",)}
+    runs = {name: build_trainer(tiny_cfg(*base, *extra)) for name, extra in variants.items()}
+    steps = {name: [trainer.train_step() for _ in range(2)] for name, trainer in runs.items()}
+    for got, want in zip(steps["cached"], steps["uncached"]):  # the VAE's batch size rounds the last bits
+        for key in ("mse_w", "mse_l"):
+            assert got[key] == pytest.approx(want[key], rel=1e-5), key
+    assert steps["mean"][0]["mse_w"] != pytest.approx(steps["cached"][0]["mse_w"], rel=1e-5)

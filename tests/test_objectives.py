@@ -45,7 +45,8 @@ def _cast(inputs: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torc
 
 
 def ref_sft(x: dict[str, torch.Tensor]) -> torch.Tensor:
-    return (x["weight"].double() * x["err_w"].double()).mean()
+    # unweighted, as MaPO's SFT term: the reward scale lambda(t) has no reward to scale here
+    return x["err_w"].double().mean()
 
 
 def ref_dpo(x: dict[str, torch.Tensor], beta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -116,7 +117,7 @@ def test_dpo_matches_formula(seed: int, beta: float, dtype: torch.dtype, tol: fl
 
 
 def test_dpo_matches_diffusers_reference_snippet() -> None:
-    """The loss of diffusers' train_diffusion_dpo.py, transcribed (weight 1)."""
+    """The loss of Wallace et al.'s train.py (also diffusers' train_diffusion_dpo_sdxl.py), transcribed."""
     import torch.nn.functional as F
 
     x = _inputs(7, spread=0.004)
@@ -270,10 +271,11 @@ def test_weight_scales_beta_mapo_xdpo(name: str) -> None:
     )
 
 
-def test_sft_weight_multiplies_error() -> None:
+def test_sft_ignores_the_reward_scale() -> None:
     x = _inputs(8)
+    assert not torch.allclose(x["weight"], torch.ones_like(x["weight"]))
     out = SFTObjective()(x["err_w"], x["err_l"], weight=x["weight"])
-    torch.testing.assert_close(out.per_sample, x["weight"] * x["err_w"])
+    torch.testing.assert_close(out.per_sample, x["err_w"])
 
 
 # ---- gradient direction ----------------------------------------------------------------------------
@@ -414,8 +416,8 @@ def test_common_metrics() -> None:
         assert all(type(v) is float for v in out.metrics.values())
         assert out.metrics["mse_w"] == pytest.approx(0.25) and out.metrics["mse_l"] == pytest.approx(0.3)
         assert out.metrics["ref_mse_w"] == pytest.approx(0.25)
-        # pairs 0 and 2 are ranked right (chosen error lower), pair 1 wrong, pair 3 a tie
-        assert out.metrics["implicit_acc"] == pytest.approx(0.5), name
+        # pairs 0 and 2 are ranked right (chosen error lower), pair 1 wrong, pair 3 a tie (half)
+        assert out.metrics["implicit_acc"] == pytest.approx(2.5 / 4), name
         assert out.metrics["margin_mean"] == pytest.approx(out.margin.mean().item(), rel=1e-6)
         assert out.metrics["margin_std"] == pytest.approx(out.margin.std(unbiased=False).item(), rel=1e-5)
         assert out.per_sample.shape == (4,) and out.margin.shape == (4,)
@@ -459,7 +461,7 @@ def test_registry() -> None:
         obj = build_objective(name)
         assert isinstance(obj, cls) and isinstance(obj, Objective) and obj.name == name
     assert build_objective(" DPO ").beta == 5000.0
-    assert objective_hyperparameters("sft") == {}
+    assert objective_hyperparameters("sft") == {"rejected_diagnostic": False}
     assert objective_hyperparameters("xdpo")["gamma"] == pytest.approx(1 / 6)
     m = build_objective("mapo")
     assert (m.beta, m.snr_value, m.margin_weight) == (1000.0, 0.5, 0.1)
@@ -472,8 +474,8 @@ def test_registry_errors() -> None:
         build_objective("kto")
     with pytest.raises(ValueError, match="allowed"):
         objective_needs_reference("orpo")
-    with pytest.raises(ValueError, match="beta_dpo"):
-        build_objective("dpo", beta_dpo=5000)
+    with pytest.raises(ValueError, match="beta_mapo"):
+        build_objective("dpo", beta_mapo=0.1)
     with pytest.raises(ValueError, match="unknown hyperparameter"):
         build_objective("sft", beta=1.0)
 
@@ -499,3 +501,172 @@ def test_registry_errors() -> None:
 def test_invalid_hyperparameters(name: str, params: dict, field: str) -> None:
     with pytest.raises(ValueError, match=f"'{field}'"):
         build_objective(name, **params)
+
+
+# ---- MaPO: the paper's beta, omega = 100 / beta, the official code at beta 1000 -----------------
+
+TABLE4_BETAS = (8.0, 32.0, 64.0, 128.0, 1024.0)  # Hong et al. Table 4's grid
+
+
+def _official_mapo_loss(ew: torch.Tensor, el: torch.Tensor, snr: float, beta_mapo: float) -> torch.Tensor:
+    # mapo-t2i/mapo utils.compute_loss with num_train_timesteps 1000, in float64
+    ew, el = ew.double(), el.double()
+    log_odds = (snr * ew) / (torch.exp(snr * ew) - 1) - (snr * el) / (torch.exp(snr * el) - 1)
+    return ew.mean() - (beta_mapo * torch.sigmoid(log_odds * 1000).log()).mean()
+
+
+def _margin_grad(beta: float, m_w: float, m_l: float, s: float = 0.5) -> float:
+    """d(omega * L_margin)/d m_w from the paper's eq. 9-11 with omega = 100 / beta, written out."""
+    psi_w = s * m_w / (math.exp(s * m_w) - 1.0)
+    psi_l = s * m_l / (math.exp(s * m_l) - 1.0)
+    z = beta * (psi_w - psi_l)
+    k = s * m_w
+    dpsi = -(s / 2.0) * 2.0 * (math.exp(k) * (k - 1.0) + 1.0) / (math.exp(k) - 1.0) ** 2
+    return (100.0 / beta) * (1.0 / (1.0 + math.exp(z))) * (-beta * dpsi)
+
+
+def _mapo_grad_w(beta: float, m_w: float, m_l: float) -> float:
+    ew = torch.tensor([m_w], dtype=torch.float64, requires_grad=True)
+    MaPOObjective(beta=beta)(ew, torch.tensor([m_l], dtype=torch.float64)).loss.backward()
+    return float(ew.grad)
+
+
+def test_mapo_official_setting_is_beta_1000() -> None:
+    x = _inputs(13)
+    ew, el = x["err_w"], x["err_l"]
+    expected = _official_mapo_loss(ew, el, 0.5, 0.1)
+    # objectives compute in float32 (base.py), the transcription in float64
+    got = MaPOObjective(beta=1000.0)(ew, el).loss.double()
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
+    # other official flags: --snr_value 0.3 --beta_mapo 0.25 is snr_value 0.3, margin_weight 0.25
+    other = MaPOObjective(beta=1000.0, snr_value=0.3, margin_weight=0.25)(ew, el).loss.double()
+    torch.testing.assert_close(other, _official_mapo_loss(ew, el, 0.3, 0.25), rtol=1e-5, atol=1e-7)
+    for beta in TABLE4_BETAS:
+        assert MaPOObjective(beta=beta).margin_weight == pytest.approx(100.0 / beta, rel=1e-12)
+
+
+@pytest.mark.parametrize("m", [0.05, 0.15, 0.6])
+def test_mapo_omega_cancels_beta_at_a_tie(m: float) -> None:
+    """At err_w == err_l the margin term adds 100 * (s/2) * (1/2) * f(s m) = 12.5 f(s m) for every beta."""
+    k = 0.5 * m
+    f = 2.0 * (math.exp(k) * (k - 1.0) + 1.0) / (math.exp(k) - 1.0) ** 2
+    for beta in TABLE4_BETAS:
+        assert _mapo_grad_w(beta, m, m) == pytest.approx(1.0 + 12.5 * f, rel=1e-5)
+        assert _margin_grad(beta, m, m) == pytest.approx(12.5 * f, rel=1e-12)
+
+
+def test_mapo_larger_beta_needs_less_margin_and_leaves_more_sft() -> None:
+    """Table 4: a larger beta requires less margin; for a large beta the SFT term dominates."""
+    right = [_mapo_grad_w(b, 0.10, 0.12) - 1.0 for b in TABLE4_BETAS]  # chosen already ahead
+    for beta, got in zip(TABLE4_BETAS, right):
+        assert got == pytest.approx(_margin_grad(beta, 0.10, 0.12), rel=1e-4)
+    assert all(a > b for a, b in zip(right, right[1:]))
+    assert right[0] > 10.0  # beta 8 (preference): the margin term still pushes at ~12x the SFT term
+    assert right[-1] < 0.2  # beta 1024 (personalization): mostly the SFT term
+    # a pair ranked the wrong way gets a larger push with beta, never above 100 * s/2 = 25
+    wrong = [_mapo_grad_w(b, 0.12, 0.10) - 1.0 for b in TABLE4_BETAS]
+    for beta, got in zip(TABLE4_BETAS, wrong):
+        assert got == pytest.approx(_margin_grad(beta, 0.12, 0.10), rel=1e-4)
+    assert all(a < b < 25.0 for a, b in zip(wrong, wrong[1:]))
+
+
+def test_mapo_presets_follow_table4() -> None:
+    from pathlib import Path
+
+    from diffalign.config import load_config
+
+    rows = {"mapo.yaml": 8.0, "sdxl_mapo.yaml": 64.0, "mapo_personalize.yaml": 1024.0}
+    tiny = {"mapo.yaml": 64.0}
+    presets = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*/*mapo*.yaml"))
+    assert len(presets) >= 7  # sd15, sdxl: preference + personalization; tiny: three
+    for path in presets:
+        cfg = load_config(path, validate_paths=False)
+        obj = build_objective(cfg.objective.name, **cfg.objective.hyperparameters)
+        expected = (tiny if path.parent.name == "tiny" else {}).get(path.name, rows[path.name])
+        assert (obj.beta, obj.snr_value) == (expected, 0.5), path
+        assert obj.margin_weight == pytest.approx(100.0 / expected), path
+
+
+# ---- Diffusion-DPO: Wallace et al.'s beta and diffusers' beta_dpo ------------------------------------
+
+
+def test_dpo_beta_dpo_is_the_diffusers_convention() -> None:
+    x = _inputs(14, spread=0.004)
+    ew, el, rw, rl = (x[k].double() for k in ("err_w", "err_l", "ref_err_w", "ref_err_l"))
+    # diffusers train_diffusion_dpo.py: logits = ref_diff - model_diff; -logsigmoid(beta_dpo * logits)
+    logits = (rw - rl) - (ew - el)
+    expected = -(torch.sigmoid(2500.0 * logits).log()).mean()
+    ported = DPOObjective(beta_dpo=2500)(x["err_w"], x["err_l"], x["ref_err_w"], x["ref_err_l"])
+    original = DPOObjective(beta=5000)(x["err_w"], x["err_l"], x["ref_err_w"], x["ref_err_l"])
+    torch.testing.assert_close(ported.loss.double(), expected, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(ported.loss, original.loss)
+    torch.testing.assert_close(ported.margin, original.margin)
+    assert DPOObjective(beta_dpo=2500).beta == 5000.0
+
+
+def test_dpo_beta_and_beta_dpo_are_exclusive() -> None:
+    for beta in (5000.0, 1000):  # the default value given explicitly conflicts too
+        with pytest.raises(ValueError, match="'beta'.*'beta_dpo'"):
+            DPOObjective(beta=beta, beta_dpo=2500)
+    for bad in (0.0, -1.0, float("nan"), "2500"):
+        with pytest.raises(ValueError, match="'beta_dpo'"):
+            build_objective("dpo", beta_dpo=bad)
+
+
+def test_dpo_beta_dpo_from_config() -> None:
+    from diffalign.config import load_config
+    from diffalign.config.schema import ConfigError
+
+    cfg = load_config(None, ["objective.name=dpo", "objective.beta_dpo=2500", "reference.strategy=frozen"])
+    assert cfg.objective.hyperparameters == {"beta_dpo": 2500.0}
+    assert build_objective(cfg.objective.name, **cfg.objective.hyperparameters).beta == 5000.0
+    with pytest.raises(ConfigError, match="objective.beta, objective.beta_dpo"):
+        load_config(None, ["objective.name=dpo", "objective.beta=5000", "objective.beta_dpo=2500",
+                           "reference.strategy=frozen"])
+
+
+# ---- xDPO: DPO with beta * (eta + gamma * n) for small d; exp_share ---------------------------------
+
+
+def test_xdpo_small_gaps_are_dpo_with_beta_times_1_05() -> None:
+    k = torch.arange(1, 9, dtype=torch.float64)
+    d_w, d_l = 1e-4 * k, -2e-5 * k
+    ref = torch.full((8,), 0.15, dtype=torch.float64)
+    out = XDPOObjective()(ref + d_w, ref + d_l, ref, ref)
+    dpo_like = -0.5 * 1000.0 * (0.05 + 6.0 / 6.0) * (d_w - d_l)
+    torch.testing.assert_close(out.margin.double(), dpo_like, rtol=3e-3, atol=0)
+    assert not torch.allclose(out.margin.double(), -0.5 * 1000.0 * (d_w - d_l), rtol=3e-2, atol=0)
+
+
+def test_xdpo_exp_share() -> None:
+    # d = err - ref per pair; with n = 6 the pairs with |6 d_w| > 0.1 or |6 d_l| > 0.1 are 1, 2 and 4
+    d_w = torch.tensor([0.01, 0.02, 0.0, 0.016, -0.017])
+    d_l = torch.tensor([0.0, -0.001, -0.05, 0.016, 0.0])
+    ref = torch.full((5,), 0.2)
+    assert XDPOObjective()(ref + d_w, ref + d_l, ref, ref).metrics["exp_share"] == pytest.approx(3 / 5)
+    # n = 1: no |d| exceeds 0.1
+    assert XDPOObjective(n=1.0)(ref + d_w, ref + d_l, ref, ref).metrics["exp_share"] == 0.0
+
+
+# ---- implicit accuracy: a tie counts half (as diffusers' train_diffusion_dpo.py logs it) -----------
+
+
+def test_implicit_acc_counts_a_tie_as_half() -> None:
+    from diffalign.objectives.base import tie_half_accuracy
+
+    e_w = torch.tensor([0.30, 0.10, 0.70, 0.20])
+    e_l = torch.tensor([0.25, 0.40, 0.65, 0.90])
+    # a policy equal to its reference: every DPO / xDPO margin is exactly 0
+    for name in ("dpo", "xdpo"):
+        out = build_objective(name)(e_w, e_l, e_w, e_l)
+        assert torch.count_nonzero(out.margin) == 0
+        assert out.metrics["implicit_acc"] == 0.5, name
+    # reference-free objectives tie where the chosen and rejected errors are equal
+    for name in ("mapo", "sft"):
+        out = build_objective(name)(e_w, e_w.clone())
+        assert out.metrics["implicit_acc"] == 0.5, name
+    # mixed: written out, right = 1, tie = 1/2, wrong = 0
+    margin = torch.tensor([0.2, 0.0, -0.1, 0.0, 3.0])
+    assert float(tie_half_accuracy(margin)) == pytest.approx((1 + 0.5 + 0 + 0.5 + 1) / 5)
+    # control: nudging one tie off zero moves it to right or wrong
+    assert float(tie_half_accuracy(margin + torch.tensor([0, 1e-6, 0, -1e-6, 0]))) == pytest.approx(3 / 5)

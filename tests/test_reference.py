@@ -1,5 +1,6 @@
 """Reference policies: frozen, periodic, periodic_threshold (freeze / reinit), the KL(ref||init)
-estimate, checkpoint state, and LoRA references that keep no UNet copy."""
+estimates (signed, eps_mse) on the fixed probe set, checkpoint state, the drift config, and LoRA
+references that keep no UNet copy. Several ranks: tests/test_reference_ranks.py."""
 
 from __future__ import annotations
 
@@ -382,7 +383,7 @@ def test_bf16_reference_step_losses(tiny_cfg, mixed_precision):
     from diffalign.train.driver import build_trainer
 
     base = ("objective.beta=500", "data.num_pairs=8", "optim.batch_size=4",
-            f"model.mixed_precision={mixed_precision}")
+            f"model.mixed_precision={mixed_precision}", "data.latent_sampling=mean")  # fixed latents
     runs = {}
     for dtype in ("fp32", "bf16"):
         trainer = build_trainer(tiny_cfg(*base, f"reference.dtype={dtype}"))
@@ -434,3 +435,336 @@ def test_step_requests_reference_errors_before_the_policy_forward(tiny_cfg):
     assert events == ["request", "policy forward", "result"]
     assert torch.equal(res.loss, plain.loss)
     assert res.out.metrics == plain.out.metrics
+
+
+# ------------------------------------------------------------------ drift estimators, probe set, pooling
+
+
+def test_per_sample_divergences_match_the_formulas():
+    from diffalign.reference.divergence import per_sample_divergences
+
+    g = torch.Generator().manual_seed(0)
+    pred_ref, pred_init, target = (torch.randn(5, 4, 3, 3, generator=g) for _ in range(3))
+    d = per_sample_divergences(pred_ref, pred_init, target)
+    for b in range(5):
+        r, i, y = (x[b].flatten().tolist() for x in (pred_ref, pred_init, target))
+        err_ref = sum((a - c) ** 2 for a, c in zip(r, y)) / len(y)
+        err_init = sum((a - c) ** 2 for a, c in zip(i, y)) / len(y)
+        eps_mse = sum((a - c) ** 2 for a, c in zip(r, i)) / len(y)
+        cross = sum((a - c) * (c - e) for a, c, e in zip(r, i, y)) / len(y)
+        assert float(d["signed"][b]) == pytest.approx(err_ref - err_init, rel=1e-5, abs=1e-6)
+        assert float(d["eps_mse"][b]) == pytest.approx(eps_mse, rel=1e-5)
+        # signed = eps_mse + 2 * cross term: the two agree where the cross term vanishes
+        assert float(d["signed"][b]) == pytest.approx(eps_mse + 2 * cross, rel=1e-4, abs=1e-5)
+    assert (d["signed"] < 0).any() and (d["eps_mse"] > 0).all()  # only eps_mse is non-negative
+    same = per_sample_divergences(pred_init, pred_init, target)
+    assert torch.equal(same["eps_mse"], torch.zeros(5)) and torch.equal(same["signed"], torch.zeros(5))
+
+
+def test_pooled_estimates_mean_and_standard_error():
+    import statistics
+
+    from diffalign.reference.divergence import pooled_estimates
+
+    values = [0.3, -0.1, 0.7, 0.2, 0.05, 0.4]
+    est = pooled_estimates({"signed": torch.tensor(values)}, world=1)["signed"]
+    assert est.n == 6
+    assert est.mean == pytest.approx(sum(values) / 6, rel=1e-6)
+    assert est.stderr == pytest.approx(statistics.stdev(values) / math.sqrt(6), rel=1e-6)
+    one = pooled_estimates({"eps_mse": torch.tensor([0.5])}, world=1)["eps_mse"]
+    assert one.mean == pytest.approx(0.5) and math.isnan(one.stderr)  # no standard error from one sample
+
+
+def test_fix_probe_draws_fresh_uniform_timesteps_and_seeded_noise():
+    from diffalign.reference.divergence import PROBE_SEED, fix_probe
+
+    p = Policy(lora=False)
+    num_t = p.bundle.num_train_timesteps
+    n = 4000
+    x0 = 0.5 * torch.randn(n, 4, 2, 2, generator=torch.Generator().manual_seed(1))
+    cond = p.cond.index(torch.zeros(n, dtype=torch.long))
+    fixed = fix_probe({"latents": x0, "cond": cond}, p.denoiser)
+    t = fixed["timesteps"]
+    assert int(t.min()) >= 0 and int(t.max()) < num_t
+    # uniform over all timesteps: each tenth of [0, T) holds ~n/10 (a gamma=0.9 skewed draw puts
+    # ~26% in the noisiest tenth); 5 sigma of a binomial(n, 0.1)
+    counts = torch.bincount(t * 10 // num_t, minlength=10).tolist()
+    sigma = math.sqrt(n * 0.1 * 0.9)
+    assert all(abs(c - n / 10) < 5 * sigma for c in counts), counts
+    # epsilon prediction: noisy = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps and the target is eps ~ N(0, 1)
+    abar = p.bundle.noise_scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+    eps = fixed["target"]
+    assert torch.allclose(fixed["noisy"], abar.sqrt() * x0 + (1 - abar).sqrt() * eps, atol=1e-5)
+    assert abs(float(eps.mean())) < 0.02 and abs(float(eps.std()) - 1) < 0.02
+    # the generator is PROBE_SEED: timesteps first, then the noise
+    g = torch.Generator().manual_seed(PROBE_SEED)
+    assert torch.equal(t, torch.randint(0, num_t, (n,), generator=g))
+    assert torch.equal(eps, torch.randn(x0.shape, generator=g))
+    # each sample's draw depends on its own rank only: a gathered set is the union of the ranks' sets
+    a, b = x0[:6], x0[6:10]
+    parts = [fix_probe({"latents": a, "cond": cond.index(slice(0, 6))}, p.denoiser),
+             fix_probe({"latents": b, "cond": cond.index(slice(0, 4)),
+                        "source_rank": torch.ones(4, dtype=torch.long)}, p.denoiser)]
+    both = fix_probe({"latents": x0[:10], "cond": cond.index(slice(0, 10)),
+                      "source_rank": torch.tensor([0] * 6 + [1] * 4)}, p.denoiser)
+    for key in ("noisy", "timesteps", "target"):
+        assert torch.equal(both[key], torch.cat([parts[0][key], parts[1][key]])), key
+    assert not torch.equal(parts[1]["target"], fixed["target"][:4])  # rank 1 draws other noise than rank 0
+
+
+def test_data_parallel_world_needs_the_process_group_the_trainer_says():
+    from diffalign.reference.divergence import data_parallel_world
+
+    assert data_parallel_world(None) == (0, 1) and data_parallel_world(1) == (0, 1)
+    with pytest.raises(RuntimeError, match="world_size=2"):
+        data_parallel_world(2)
+    p = Policy(lora=True)
+    ref = p.reference("periodic_threshold", tau=1, delta=1.0)
+    with pytest.raises(RuntimeError, match="not initialized"):  # never a silently per-rank decision
+        ref.on_step(1, p.probe(), world_size=2)
+
+
+def _fit_chosen(policy: Policy, latents: torch.Tensor, steps: int = 40, lr: float = 2e-3) -> None:
+    """Denoising-loss steps on these chosen latents (fresh t and noise each step): the policy fits them."""
+    params = [q for q in policy.unet.parameters() if q.requires_grad]
+    opt = torch.optim.Adam(params, lr=lr)
+    g = torch.Generator().manual_seed(3)
+    cond = policy.cond
+    for _ in range(steps):
+        t = torch.randint(0, 1000, (latents.shape[0],), generator=g)
+        noisy, target = policy.denoiser.noisy_and_target(latents, torch.randn(latents.shape, generator=g), t)
+        loss = policy.denoiser.errors(policy.unet, noisy, t, cond, target).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+def test_eps_mse_bounds_a_policy_that_the_signed_estimate_lets_through():
+    """Kang et al.'s signed estimate goes negative when the model fits the chosen images better than
+    the initial model; eps_mse is >= 0 and freezes at the same delta."""
+    p = Policy(lora=False)
+    latents = 0.8 * torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(9))
+    probe = {"latents": latents, "cond": p.cond}
+    delta = 1e-3
+    signed = p.reference("periodic_threshold", tau=1, delta=delta)
+    eps = p.reference("periodic_threshold", tau=1, delta=10.0, divergence="eps_mse", delta_eps_mse=delta)
+    assert eps.threshold == delta and signed.threshold == delta
+    _fit_chosen(p, latents)
+    m_signed, m_eps = signed.on_step(1, probe), eps.on_step(1, probe)
+    # both computed the two estimates on the same probe set
+    assert m_signed["ref/divergence_eps_mse"] == pytest.approx(m_eps["ref/divergence_eps_mse"], rel=1e-6)
+    assert m_signed["ref/divergence"] < 0 < delta < m_eps["ref/divergence"]
+    assert m_signed["ref/divergence_stderr"] > 0 and m_eps["ref/divergence_stderr"] > 0
+    assert signed.version == 1 and not signed.frozen  # adopted: the signed bound never triggers
+    assert eps.version == 0 and eps.frozen
+    # delta_eps_mse unset: the eps_mse bound is delta
+    assert p.reference("periodic_threshold", delta=0.3, divergence="eps_mse").threshold == 0.3
+
+
+def test_threshold_estimates_on_a_fixed_probe_set_and_checkpoints_it(policy):
+    ref = policy.reference("periodic_threshold", tau=2, delta=10.0, divergence="eps_mse")
+    first = {"latents": 0.3 * torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(4)),
+             "cond": policy.cond}
+    ref.on_step(1, first)  # the first complete set is fixed at once
+    fixed = {k: ref.probe[k].clone() for k in ("noisy", "timesteps", "target")}
+    policy.perturb(0.02)
+    other = {"latents": torch.randn(3, 4, 8, 8), "cond": policy.cond}
+    m = ref.on_step(2, other)  # a later set is ignored: successive checks stay comparable
+    for k, v in fixed.items():
+        assert torch.equal(ref.probe[k], v), k
+    # the estimate is over the first set, by hand
+    with torch.no_grad():
+        pol = policy.unet.eval()
+        pred = p_init = None
+        pred = policy.denoiser.predict(pol, fixed["noisy"], fixed["timesteps"], policy.cond)
+        if policy.lora:
+            pol.disable_adapters()
+            p_init = policy.denoiser.predict(pol, fixed["noisy"], fixed["timesteps"], policy.cond)
+            pol.enable_adapters()
+        else:
+            base = build_tiny_bundle("sd15", seed=0).unet.eval()
+            p_init = policy.denoiser.predict(base, fixed["noisy"], fixed["timesteps"], policy.cond)
+        policy.unet.train()
+    per = (pred - p_init).pow(2).flatten(1).mean(1).tolist()
+    assert m["ref/divergence"] == pytest.approx(sum(per) / 3, rel=1e-5)
+    assert m["ref/divergence_n"] == 3.0
+
+    state = ref.state_dict()
+    fresh = Policy(lora=policy.lora)
+    again = fresh.reference("periodic_threshold", tau=2, delta=10.0, divergence="eps_mse")
+    fresh.set_weights(policy.weights())  # after building it: its initial model is the initial one
+    again.load_state_dict(state)
+    assert again.estimates == ref.estimates and again.metrics() == ref.metrics()
+    assert again.at_init == ref.at_init is False
+    for k, v in fixed.items():
+        assert torch.equal(again.probe[k], v), k
+    assert again.estimate() == ref.estimate()  # the restored set gives the same numbers
+
+
+def test_threshold_reinit_stays_at_the_initial_model_while_the_policy_is_out_of_bound(policy):
+    """The documented choice: the check is on the candidate; after a reset the reference stays the
+    initial model (no new version) for as long as the policy stays out of bound. Checking the
+    current reference instead (which, after a reset, is within the bound) would adopt the
+    out-of-bound policy at the next check."""
+    delta = 0.02
+    init_err = policy.errors()
+    # eps_mse: a random move of the weights never lowers it (the signed estimate can go either way)
+    ref = policy.reference("periodic_threshold", tau=1, delta=delta, on_exceed="reinit", divergence="eps_mse")
+    probe = policy.probe()
+    policy.perturb(1e-3)
+    ref.on_step(1, probe)
+    assert ref.version == 1 and not ref.at_init
+    policy.perturb(1.0)
+    ref.on_step(2, probe)
+    assert ref.version == 2 and ref.at_init
+    for step in (3, 4, 5):
+        policy.perturb(0.1)  # still out of bound
+        m = ref.on_step(step, probe)
+        assert m["ref/divergence"] > delta
+        assert ref.version == 2 and not ref.frozen  # no reset counted, no adoption
+        assert torch.equal(policy.ref_errors(ref), init_err)
+
+
+def test_threshold_freeze_keeps_a_reference_within_the_bound(policy):
+    delta = 0.02
+    ref = policy.reference("periodic_threshold", tau=1, delta=delta, divergence="eps_mse")
+    probe = policy.probe()
+    for step in range(1, 40):
+        policy.perturb(1e-3 * 1.3**step)  # growing moves: a few adoptions, then out of bound
+        ref.on_step(step, probe)
+        if ref.frozen:
+            break
+    assert ref.frozen and ref.version >= 2  # it adopted some policies, then froze
+    # the kept reference's own drift, by hand: within the bound, the policy's beyond it
+    unet = policy.unet.eval()
+    p = ref.probe
+    with torch.no_grad():
+        if policy.lora:
+            with ref._policy_with(ref.ref_state):
+                kept = policy.denoiser.predict(unet, p["noisy"], p["timesteps"], p["cond"])
+            unet.disable_adapters()
+            init = policy.denoiser.predict(unet, p["noisy"], p["timesteps"], p["cond"])
+            unet.enable_adapters()
+        else:
+            kept = policy.denoiser.predict(ref.ref_unet, p["noisy"], p["timesteps"], p["cond"])
+            init = policy.denoiser.predict(ref.init_unet, p["noisy"], p["timesteps"], p["cond"])
+    unet.train()
+    assert 0 < float((kept - init).pow(2).mean()) <= delta < ref.last_divergence
+
+
+# ------------------------------------------------------------------ the probe set in the step and trainer
+
+
+def test_step_collects_the_first_chosen_latents_across_micro_batches(tiny_cfg):
+    from diffalign.train.driver import build_trainer
+
+    trainer = build_trainer(tiny_cfg("reference.strategy=periodic_threshold", "reference.tau=3",
+                                     "reference.divergence_samples=10", "optim.batch_size=4"))
+    step, unet = trainer.setup.step, trainer.engine.forward_module
+    batches = [trainer._micro_batch(m) for m in range(4)]
+    probes = []
+    for b in batches:
+        gen = torch.Generator().manual_seed(7)
+        res = step(unet, b, gen)
+        # the probe takes none of the step's random draws
+        alone = torch.Generator().manual_seed(7)
+        step.noise_and_timesteps(b, alone)
+        assert torch.equal(gen.get_state(), alone.get_state())
+        probes.append(res.probe)
+    assert probes[0] is None and probes[1] is None
+    assert probes[2] is probes[3]  # complete after 4 + 4 + 2 latents, then the same set
+    expected = torch.cat([batches[0].chosen, batches[1].chosen, batches[2].chosen[:2]])
+    assert torch.equal(probes[2]["latents"], expected)
+    emb = torch.cat([b.cond.prompt_embeds for b in batches[:2]] + [batches[2].cond.prompt_embeds[:2]])
+    assert torch.equal(probes[2]["cond"].prompt_embeds, emb)
+    # a reference that checks no drift gets no probe set
+    frozen = build_trainer(tiny_cfg("optim.batch_size=4"))
+    assert frozen.setup.step(frozen.engine.forward_module, batches[0]).probe is None
+
+
+def test_trainer_logs_the_pooled_estimate_computed_on_fresh_uniform_timesteps(tiny_cfg):
+    import copy
+    import statistics
+
+    from diffalign.reference.divergence import PROBE_SEED
+    from diffalign.train.driver import build_trainer
+
+    trainer = build_trainer(tiny_cfg("reference.strategy=periodic_threshold", "reference.tau=2",
+                                     "reference.delta=100", "reference.divergence_samples=6",
+                                     "optim.batch_size=4", "timesteps.sampler=skewed", "optim.lr=1e-3"))
+    init = copy.deepcopy(trainer.setup.bundle.unet).eval()
+    m1 = trainer.train_step()
+    assert "ref/divergence" not in m1
+    m2 = trainer.train_step()
+    for key in ("ref/divergence", "ref/divergence_stderr", "ref/divergence_signed",
+                "ref/divergence_signed_stderr", "ref/divergence_eps_mse", "ref/divergence_eps_mse_stderr"):
+        assert math.isfinite(m2[key]), key
+    assert m2["ref/divergence_n"] == 6.0 and m2["ref/divergence"] == m2["ref/divergence_signed"]
+    assert m2["ref/version"] == 1.0
+
+    # Independently: the first 6 chosen latents, t uniform and noise from the seed, both models.
+    x0 = trainer.setup.step._probe["latents"]
+    cond = trainer.setup.step._probe["cond"]
+    sched = trainer.setup.bundle.noise_scheduler
+    g = torch.Generator().manual_seed(PROBE_SEED)
+    t = torch.randint(0, 1000, (6,), generator=g)
+    eps = torch.randn(x0.shape, generator=g)
+    abar = sched.alphas_cumprod[t].view(-1, 1, 1, 1)
+    noisy = abar.sqrt() * x0 + (1 - abar).sqrt() * eps
+    unet = trainer.setup.bundle.unet.eval()
+    with torch.no_grad():
+        kw = cond.unet_kwargs()
+        pred, pred0 = unet(noisy, t, **kw).sample, init(noisy, t, **kw).sample
+    unet.train()
+    signed = [float(((a - e) ** 2).mean() - ((b - e) ** 2).mean()) for a, b, e in zip(pred, pred0, eps)]
+    eps_mse = [float(((a - b) ** 2).mean()) for a, b in zip(pred, pred0)]
+    for name, vals in (("signed", signed), ("eps_mse", eps_mse)):
+        assert m2[f"ref/divergence_{name}"] == pytest.approx(statistics.fmean(vals), rel=1e-4, abs=1e-7)
+        assert m2[f"ref/divergence_{name}_stderr"] == pytest.approx(statistics.stdev(vals) / math.sqrt(6),
+                                                                    rel=1e-4)
+    # not on the training step's skewed timesteps, which sit mostly in the noisiest tenth
+    assert (t < 900).sum() >= 3
+
+
+# ------------------------------------------------------------------ config
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [(["reference.divergence=kl"], "reference.divergence"),
+     (["reference.delta_eps_mse=0"], "reference.delta_eps_mse"),
+     (["reference.strategy=periodic_threshold", "reference.divergence_samples=1"],
+      "reference.divergence_samples"),
+     (["reference.strategy=periodic_threshold", "reference.tau=2", "optim.batch_size=4",
+       "reference.divergence_samples=9"], "reference.divergence_samples")],
+)
+def test_drift_config_errors_name_the_field(overrides, field):
+    from diffalign.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")) as err:
+        load_config(None, overrides)
+    if field == "reference.divergence":
+        assert "signed" in str(err.value) and "eps_mse" in str(err.value)
+
+
+def test_drift_config_defaults_and_shipped_configs():
+    from diffalign.config import load_config
+    from diffalign.reference.policies import ThresholdReference
+    from diffalign.train.setup import configured_reference
+
+    r = load_config(None, []).reference
+    assert (r.divergence, r.delta_eps_mse, r.divergence_samples) == ("signed", None, 16)
+    # 8 chosen latents per rank by the first check are enough for 8 samples, not for 9
+    eight = ["reference.strategy=periodic_threshold", "reference.tau=2", "optim.batch_size=4",
+             "reference.divergence_samples=8"]
+    assert load_config(None, eight).reference.divergence_samples == 8
+    for family, delta in (("sd15", 0.005), ("sdxl", 0.002), ("tiny", 1.0)):
+        c = load_config(f"configs/{family}/dpo_refupdate.yaml", validate_paths=False).reference
+        assert (c.strategy, c.divergence, c.delta) == ("periodic_threshold", "signed", delta)
+        assert c.delta_eps_mse is None
+        assert c.divergence_samples >= 16
+    cfg = load_config(None, ["reference.strategy=periodic_threshold", "reference.divergence=eps_mse",
+                             "reference.delta_eps_mse=0.01"])
+    p = Policy(lora=True)
+    ref = configured_reference(cfg, p.unet, p.denoiser, "cpu")
+    assert isinstance(ref, ThresholdReference) and (ref.divergence, ref.threshold) == ("eps_mse", 0.01)

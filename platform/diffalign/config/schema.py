@@ -12,8 +12,14 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from diffalign.objectives import objective_hyperparameters
-from diffalign.reference.names import DEFAULT_DELTA, DEFAULT_ON_EXCEED, DEFAULT_TAU
+from diffalign.objectives import build_objective, objective_hyperparameters
+from diffalign.reference.names import (
+    DEFAULT_DELTA,
+    DEFAULT_DIVERGENCE,
+    DEFAULT_DIVERGENCE_SAMPLES,
+    DEFAULT_ON_EXCEED,
+    DEFAULT_TAU,
+)
 from diffalign.timesteps import DEFAULT_GAMMA, DEFAULT_NUM_BINS
 
 
@@ -46,22 +52,30 @@ class ObjectiveConfig:
     hyperparameters: dict[str, Any] = field(default_factory=dict)  # the ones set explicitly
 
     def params(self) -> dict[str, Any]:
-        """Every hyperparameter of the objective: the constructor's defaults, then the set ones."""
+        """Every constructor keyword of the objective: its defaults, then the set ones."""
         try:
             defaults = objective_hyperparameters(self.name)
         except ValueError:  # an unknown name is reported by validation, naming the field
             defaults = {}
         return {**defaults, **self.hyperparameters}
 
+    def resolved(self) -> dict[str, Any]:
+        """The values the run uses, as the built objective reports them (`hparams()`): derived ones
+        included (MaPO's margin weight from beta, DPO's beta from `beta_dpo`). What MLflow records."""
+        try:
+            return {**self.params(), **build_objective(self.name, **self.hyperparameters).hparams()}
+        except ValueError:  # invalid values are reported by validation, naming the field
+            return self.params()
+
     def __getattr__(self, key: str) -> Any:
         # Only reached for names that are not dataclass fields: the hyperparameters.
         if key.startswith("__") or key in ("name", "hyperparameters"):
             raise AttributeError(key)
-        params = self.params()
-        if key not in params:
+        values = self.resolved()
+        if key not in values:
             raise AttributeError(f"objective {self.name!r} has no hyperparameter {key!r}; "
-                                 f"accepted: {', '.join(params) or 'none'}")
-        return params[key]
+                                 f"accepted: {', '.join(values) or 'none'}")
+        return values[key]
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, **self.hyperparameters}
@@ -73,7 +87,16 @@ class ReferenceConfig:
     tau: int = DEFAULT_TAU  # update period (Kang et al. search {16, 32, 64})
     delta: float = DEFAULT_DELTA  # KL(ref||init) bound (0.005 SD1.5, 0.002 SDXL)
     on_exceed: str = DEFAULT_ON_EXCEED  # freeze | reinit
-    divergence_samples: int = 2  # chosen latents used for the estimate
+    # Drift estimate of periodic_threshold (diffalign/reference/divergence.py): signed = Kang et al. eq. 8
+    # (err_ref - err_init; goes negative as the model fits the chosen images), eps_mse = mean
+    # ||eps_ref - eps_init||^2 (>= 0, the KL of the Gaussian reverse steps up to omega(t)).
+    divergence: str = DEFAULT_DIVERGENCE  # signed | eps_mse
+    # Bound for divergence=eps_mse; null: `delta` (both estimates agree in expectation when the
+    # initial model is the MSE-optimal denoiser of the probe data; see divergence.py).
+    delta_eps_mse: float | None = None
+    # Chosen latents per rank in the fixed probe set (the first ones seen; fresh uniform t and noise
+    # from a fixed generator); all ranks' probes are pooled, so the decision is the same on every rank.
+    divergence_samples: int = DEFAULT_DIVERGENCE_SAMPLES
     placement: str = "colocated"  # colocated | actor
     # Precision of a full-UNet reference copy: auto = model.mixed_precision's dtype on GPU, fp32 on CPU;
     # bf16 / fp16 halve its memory (LoRA references are adapter tensors and ignore it).
@@ -88,6 +111,9 @@ class TimestepConfig:
     reward_scale: str = "constant"  # constant | inv_sqrt_snr
 
 
+LATENT_SAMPLING = ("sample", "mean")
+
+
 @dataclass
 class DataConfig:
     kind: str = "synthetic"  # synthetic | pickapic | hf_disk | jsonl | csv | folder
@@ -98,6 +124,11 @@ class DataConfig:
     random_flip: bool = True
     center_crop: bool = True
     cache_latents: bool = True
+    # sample: train on latent_dist.sample() and, cached too, a new flip every read (diffusers' DPO and
+    # the official MaPO do; cached = uncached in distribution; the cache holds mean + std of both flips:
+    # 4x the memory of `mean` with flips, diffalign/train/cache.py). mean: latent_dist.mean, and under
+    # caching each pair's first-read flip for the whole run (deterministic latents, 1/4 the cache).
+    latent_sampling: str = "sample"  # sample | mean
     # Text-encoder outputs once per unique prompt, kept on the training device (off when
     # model.train_text_encoder: the encoders then change every step).
     cache_prompt_embeds: bool = True
@@ -309,7 +340,7 @@ class RunConfig:
 
         data = self.to_dict()
         # MLflow records the hyperparameters the run used, defaults included.
-        data["objective"] = {"name": self.objective.name, **self.objective.params()}
+        data["objective"] = {"name": self.objective.name, **self.objective.resolved()}
         walk("", data)
         return out
 

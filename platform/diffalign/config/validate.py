@@ -6,10 +6,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from diffalign.config.schema import ONLINE_MODES, STYLE_PRESET_NAMES, ConfigError, RunConfig
+from diffalign.config.schema import LATENT_SAMPLING, ONLINE_MODES, STYLE_PRESET_NAMES, ConfigError, RunConfig
 from diffalign.models.precision import MIXED_PRECISION, REFERENCE_DTYPES
 from diffalign.objectives import OBJECTIVES, build_objective, objective_needs_reference
-from diffalign.reference.names import ON_EXCEED, STRATEGIES
+from diffalign.reference.names import DIVERGENCES, ON_EXCEED, STRATEGIES
 from diffalign.specs import EVAL_ONLY_SCORERS, SCORER_NAMES, parse_scorers, parse_seeds, resolve_path
 
 
@@ -107,6 +107,23 @@ def _validate_build(cfg: RunConfig, check_paths: bool) -> None:
             raise ConfigError(f"build.{name} must be >= 1, got {value}")
 
 
+def _validate_drift_probe(cfg: RunConfig) -> None:
+    """The drift estimate of periodic_threshold: estimator, bound, probe set (reference/divergence.py)."""
+    r, o = cfg.reference, cfg.optim
+    _choice(r.divergence, DIVERGENCES, "reference.divergence")
+    _positive(r.delta_eps_mse, "reference.delta_eps_mse")
+    if r.strategy != "periodic_threshold":
+        return
+    if r.divergence_samples < 2:
+        raise ConfigError(f"reference.divergence_samples must be >= 2 for a standard error, got "
+                          f"{r.divergence_samples}")
+    seen = r.tau * o.batch_size * o.grad_accum  # chosen latents a rank has seen by the first check
+    if r.divergence_samples > seen:
+        raise ConfigError(
+            f"reference.divergence_samples={r.divergence_samples} exceeds the {seen} chosen latents a rank "
+            f"sees before the first check (reference.tau * optim.batch_size * optim.grad_accum); lower it")
+
+
 def validate(cfg: RunConfig, check_paths: bool = True) -> None:
     m, o, r, t, d = cfg.model, cfg.objective, cfg.reference, cfg.timesteps, cfg.data
     _choice(m.family, ("sd15", "sdxl"), "model.family")
@@ -131,6 +148,7 @@ def validate(cfg: RunConfig, check_paths: bool = True) -> None:
     _positive(r.delta, "reference.delta")
     if r.divergence_samples < 1:
         raise ConfigError(f"reference.divergence_samples must be >= 1, got {r.divergence_samples}")
+    _validate_drift_probe(cfg)
     needs = objective_needs_reference(o.name)
     if needs and r.strategy == "none":
         raise ConfigError(
@@ -152,6 +170,7 @@ def validate(cfg: RunConfig, check_paths: bool = True) -> None:
 
     _choice(d.kind, ("synthetic", "pickapic", "hf_disk", "jsonl", "csv", "folder"), "data.kind")
     _choice(d.on_error, ("skip", "raise"), "data.on_error")
+    _choice(d.latent_sampling, LATENT_SAMPLING, "data.latent_sampling")
     if d.kind != "synthetic":
         if not d.path:
             raise ConfigError(f"data.path is required for data.kind={d.kind}")

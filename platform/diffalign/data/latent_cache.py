@@ -4,6 +4,15 @@ Layout of ``out_dir``: ``latents-00000.safetensors`` ... (tensors ``chosen`` / `
 (n, C, h, w)) and ``index.json`` (written last, so a cache without it is incomplete) holding prompts,
 shapes, count, optional SDXL size info and a fingerprint of the VAE config + image size. A cache whose
 fingerprint differs from the VAE / resolution in use is refused with :class:`StaleCacheError`.
+
+Per-read sampling (``data.latent_sampling=sample``, as diffusers' Diffusion-DPO and the official MaPO
+draw ``latent_dist.sample()`` and a new flip on every read): ``precompute_latents(with_std=True)``
+also stores the posterior std (``chosen_std`` ...) and ``mirrored=True`` the latents of the mirror
+images (``chosen_mirrored``, ``chosen_mirrored_std`` ...); ``LatentPairDataset(sampling="sample")``
+then draws each read from ``latent_draws(seed, epoch, index)``, the draw the in-memory cache
+(``diffalign.train.cache.CachedPairs``) and an uncached run make for the same read. Size per pair in
+float32: 2 latents (means), 4 with std, 8 with std and mirrors (SD1.5 at 512 px: 128 / 256 / 512
+KiB; SDXL at 1024 px: 512 KiB / 1 / 2 MiB).
 """
 
 from __future__ import annotations
@@ -13,7 +22,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +33,7 @@ from torch.utils.data import Dataset, IterableDataset
 from tqdm.auto import tqdm
 
 from diffalign.data.collate import collate_pairs
+from diffalign.data.transforms import latent_draws
 
 logger = logging.getLogger("diffalign.data")
 
@@ -75,8 +85,9 @@ def _diff(cached: Mapping[str, Any], current: Mapping[str, Any], prefix: str = "
 
 
 @torch.no_grad()
-def encode_latents(vae: Any, images: torch.Tensor) -> torch.Tensor:
-    """(B, 3, H, W) in [-1, 1] -> scaled latents (float32, on CPU), as the denoiser consumes them."""
+def encode_moments(vae: Any, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, 3, H, W) in [-1, 1] -> (mean, std) of the scaled latent posterior (float32, on CPU):
+    z = (x - shift) * scale has mean (mean - shift) * scale and std std * scale."""
     param = next(vae.parameters())
     dist = vae.encode(images.to(device=param.device, dtype=param.dtype)).latent_dist
     latents = dist.mean.float()
@@ -84,7 +95,24 @@ def encode_latents(vae: Any, images: torch.Tensor) -> torch.Tensor:
     shift = config.get("shift_factor") if hasattr(config, "get") else getattr(config, "shift_factor", None)
     if shift is not None:
         latents = latents - shift
-    return (latents * config.scaling_factor).cpu()
+    return (latents * config.scaling_factor).cpu(), (dist.std.float() * config.scaling_factor).cpu()
+
+
+def encode_latents(vae: Any, images: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) in [-1, 1] -> scaled latents (float32, on CPU), as the denoiser consumes them."""
+    return encode_moments(vae, images)[0]
+
+
+def latent_noise(seed: int, shape: Sequence[int]) -> torch.Tensor:
+    """Standard normal noise of one image's latent from its own generator (float32, CPU), so a draw
+    depends on its seed alone, not on the batch it is read in."""
+    return torch.randn(tuple(shape), generator=torch.Generator().manual_seed(int(seed)))
+
+
+def sample_latents(mean: torch.Tensor, std: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
+    """``latent_dist.sample()`` in scaled units, one seed per image: mean + std * N(0, 1)."""
+    noise = torch.stack([latent_noise(s, mean.shape[1:]) for s in seeds]).to(mean.device)
+    return mean + std * noise
 
 
 def _iterate(dataset: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
@@ -136,12 +164,19 @@ def precompute_latents(
     store_dtype: torch.dtype = torch.float32,
     overwrite: bool = False,
     progress: bool = True,
+    with_std: bool = False,
+    mirrored: bool = False,
 ) -> dict[str, Any]:
     """Encode every item's images once into ``out_dir``; returns the written (or reused) index.
 
     If ``out_dir`` already holds a complete cache with the same fingerprint it is reused as is; a
     different fingerprint raises :class:`StaleCacheError` unless ``overwrite=True``. Runs in one
     process; the dataset's own issue accounting still applies while it is read.
+
+    ``with_std`` also stores the posterior std of every latent, ``mirrored`` the latents of every
+    image's mirror image (with its crop top-left, from the dataset's ``PairTransform``): what
+    ``LatentPairDataset(sampling="sample")`` needs to draw a sample and a flip per read. A cache
+    lacking one that is asked for is stale.
     """
     if batch_size < 1 or shard_size < 1:
         raise ValueError("batch_size and shard_size must be >= 1")
@@ -159,9 +194,21 @@ def precompute_latents(
     digest, parts = cache_fingerprint(vae, image_size)  # type: ignore[arg-type]
     if existing is not None and not overwrite:
         _check_fingerprint(existing, digest, parts, out)
+        missing = [name for name, asked in (("with_std", with_std), ("mirrored", mirrored))
+                   if asked and not existing.get(name, False)]
+        if missing:
+            raise StaleCacheError(f"latent cache {out} was built without {', '.join(missing)}; rebuild with "
+                                  "precompute_latents(..., overwrite=True)")
         logger.info("reusing latent cache %s (%d items)", out, existing["count"])
         return existing
+    transform = getattr(dataset, "transform", None)
+    if mirrored and "crop_top_left" in first and not hasattr(transform, "mirrored_crop"):
+        raise ValueError("mirrored=True: the dataset has no PairTransform to mirror its crop coordinates")
     _remove_cache(out)
+    # Stored tensors per image key: the means, then optionally their stds and the mirror images'.
+    views = ["", "_mirrored"] if mirrored else [""]
+    stored = {k: [k + v + m for v in views for m in (["", "_std"] if with_std else [""])] for k in keys}
+    names = [n for k in keys for n in stored[k]]
 
     total = len(dataset) if hasattr(dataset, "__len__") else None  # type: ignore[arg-type]
     bar = tqdm(total=total, desc="encoding latents", unit="item", disable=not progress)
@@ -169,21 +216,22 @@ def precompute_latents(
     prompts: list[str] = []
     original_sizes: list[Any] = []
     crop_top_lefts: list[Any] = []
-    pending: dict[str, list[torch.Tensor]] = {k: [] for k in keys}
+    mirrored_crops: list[Any] = []
+    pending: dict[str, list[torch.Tensor]] = {n: [] for n in names}
     latent_shape: list[int] | None = None
 
     def pending_count() -> int:
-        return sum(t.shape[0] for t in pending[keys[0]])
+        return sum(t.shape[0] for t in pending[names[0]])
 
     def write_shard(limit: int) -> None:
         # Cut exactly `limit` rows so shard boundaries do not depend on batch_size.
-        joined = {k: torch.cat(pending[k]) for k in keys}
-        n = min(limit, joined[keys[0]].shape[0])
+        joined = {k: torch.cat(pending[k]) for k in names}
+        n = min(limit, joined[names[0]].shape[0])
         name = SHARD_PATTERN.format(len(shards))
-        tensors = {k: joined[k][:n].to(store_dtype).contiguous() for k in keys}
+        tensors = {k: joined[k][:n].to(store_dtype).contiguous() for k in names}
         save_file(tensors, str(out / name), metadata={"fingerprint": digest})
         shards.append({"file": name, "count": n})
-        for k in keys:
+        for k in names:
             rest = joined[k][n:]
             pending[k][:] = [rest] if rest.shape[0] else []
 
@@ -191,12 +239,23 @@ def precompute_latents(
         nonlocal latent_shape
         batch = collate_pairs(batch_items)
         prompts.extend(batch["prompts"])
-        original_sizes.extend(batch.get("original_sizes") or [None] * len(batch_items))
-        crop_top_lefts.extend(batch.get("crop_top_lefts") or [None] * len(batch_items))
+        sizes = batch.get("original_sizes") or [None] * len(batch_items)
+        crops = batch.get("crop_top_lefts") or [None] * len(batch_items)
+        original_sizes.extend(sizes)
+        crop_top_lefts.extend(crops)
+        mirrored_crops.extend(transform.mirrored_crop(o, c) if mirrored and o is not None and c is not None
+                              else None for o, c in zip(sizes, crops))
+        b = len(batch_items)
         for k in keys:
-            latents = encode_latents(vae, batch["images" if k == "image" else k])
-            latent_shape = list(latents.shape[1:])
-            pending[k].append(latents)
+            images = batch["images" if k == "image" else k]
+            if mirrored:
+                images = torch.cat([images, images.flip(-1)])
+            mean, std = encode_moments(vae, images) if with_std else (encode_latents(vae, images), None)
+            latent_shape = list(mean.shape[1:])
+            for j, view in enumerate(views):
+                pending[k + view].append(mean[j * b:(j + 1) * b])
+                if with_std:
+                    pending[k + view + "_std"].append(std[j * b:(j + 1) * b])
         bar.update(len(batch_items))
         while pending_count() >= shard_size:
             write_shard(shard_size)
@@ -231,6 +290,11 @@ def precompute_latents(
         "crop_top_lefts": None
         if all(c is None for c in crop_top_lefts)
         else [list(c) for c in crop_top_lefts],
+        "with_std": with_std,
+        "mirrored": mirrored,
+        "crop_top_lefts_mirrored": None
+        if all(c is None for c in mirrored_crops)
+        else [list(c) for c in mirrored_crops],
     }
     tmp = out / (INDEX_NAME + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
@@ -247,6 +311,11 @@ class LatentPairDataset(Dataset):
     ``crop_top_left`` when the cache has them. Pass ``vae`` (or its config) and/or ``resolution`` to have
     the cache checked against what training uses; a mismatch raises :class:`StaleCacheError`.
     Shards are memory-mapped and read one item at a time.
+
+    ``sampling="mean"`` reads the stored means (``item(i, epoch)`` ignores the epoch);
+    ``sampling="sample"`` (a cache built ``with_std``) draws read (epoch, i) from
+    ``latent_draws(seed, epoch, i)``: a sample of each image, and the mirror image half the time when
+    the cache is ``mirrored``. ``dataset[i]`` is ``item(i, 0)``.
     """
 
     def __init__(
@@ -255,8 +324,13 @@ class LatentPairDataset(Dataset):
         *,
         vae: Any = None,
         resolution: int | tuple[int, int] | None = None,
+        sampling: str = "mean",
+        seed: int = 0,
     ) -> None:
+        if sampling not in ("sample", "mean"):
+            raise ValueError(f"sampling={sampling!r}; choose sample or mean")
         self.out_dir = Path(out_dir)
+        self.sampling, self.seed = sampling, seed
         index = _read_index(self.out_dir)
         if index is None:
             raise StaleCacheError(
@@ -282,6 +356,10 @@ class LatentPairDataset(Dataset):
         for shard in index["shards"]:
             if not (self.out_dir / shard["file"]).is_file():
                 raise StaleCacheError(f"latent cache {self.out_dir} is incomplete: {shard['file']} missing")
+        if sampling == "sample" and not index.get("with_std", False):
+            raise StaleCacheError(f"latent cache {self.out_dir} holds no std to sample from; rebuild with "
+                                  "precompute_latents(..., with_std=True, overwrite=True)")
+        self.flips = sampling == "sample" and bool(index.get("mirrored", False))
         self.index = index
         self.fingerprint: str = index["fingerprint"]
         self.keys: list[str] = index["keys"]
@@ -307,6 +385,10 @@ class LatentPairDataset(Dataset):
         return self._handles[shard]
 
     def __getitem__(self, i: int) -> dict[str, Any]:
+        return self.item(i, 0)
+
+    def item(self, i: int, epoch: int) -> dict[str, Any]:
+        """Item i as read at `epoch` (a function of (seed, epoch, i) alone)."""
         n = len(self)
         if i < 0:
             i += n
@@ -315,13 +397,25 @@ class LatentPairDataset(Dataset):
         shard = bisect.bisect_right(self._ends, i)
         j = i - (self._ends[shard - 1] if shard else 0)
         handle = self._handle(shard)
+        read = lambda name: handle.get_slice(name)[j : j + 1][0].float()  # noqa: E731
+        view, seeds = "", None
+        if self.sampling == "sample":
+            flip, seed_w, seed_l = latent_draws(self.seed, epoch, i)
+            view = "_mirrored" if flip and self.flips else ""
+            seeds = {"chosen": seed_w, "rejected": seed_l, "image": seed_w}
         item: dict[str, Any] = {"prompt": self.prompts[i]}
         for key in self.keys:
-            item[key] = handle.get_slice(key.removesuffix("_latents"))[j : j + 1][0].float()
+            name = key.removesuffix("_latents") + view
+            if seeds is None:
+                item[key] = read(name)
+            else:
+                mean, std = read(name)[None], read(name + "_std")[None]
+                item[key] = sample_latents(mean, std, [seeds[key.removesuffix("_latents")]])[0]
         if self.index.get("original_sizes") is not None:
             item["original_size"] = tuple(self.index["original_sizes"][i])
-        if self.index.get("crop_top_lefts") is not None:
-            item["crop_top_left"] = tuple(self.index["crop_top_lefts"][i])
+        crops = self.index.get("crop_top_lefts_mirrored" if view else "crop_top_lefts")
+        if crops is not None:
+            item["crop_top_left"] = tuple(crops[i])
         return item
 
     def __getstate__(self) -> dict[str, Any]:

@@ -61,6 +61,17 @@ def item_rng(seed: int, epoch: int, index: int) -> random.Random:
     return random.Random(f"{seed}:{epoch}:{index}")
 
 
+def latent_draws(seed: int, epoch: int, index: int) -> tuple[bool, int, int]:
+    """(flip, chosen noise seed, rejected noise seed) of one read of a pair's latents.
+
+    A pure function of (seed, epoch, index), like :func:`item_rng` but its own stream (a salted key),
+    so a cached pair's flip is independent of the flip its pixels were read with. The noise seeds
+    seed the draw of ``latent_dist.sample()`` for the chosen and the rejected image.
+    """
+    rng = random.Random(f"latents:{seed}:{epoch}:{index}")
+    return rng.random() < 0.5, rng.getrandbits(63), rng.getrandbits(63)
+
+
 @dataclass(frozen=True)
 class PairTransform:
     """Resize shorter side to ``resolution``, optional horizontal flip, center or random square crop.
@@ -112,6 +123,15 @@ class PairTransform:
     def single(self, image: Image.Image, rng: random.Random | None = None) -> dict[str, Any]:
         (x,), original_size, crop = self.apply([image], rng)
         return {"image": x, "original_size": original_size, "crop_top_left": crop}
+
+    def mirrored_crop(
+        self, original_size: tuple[int, int], crop_top_left: tuple[int, int]
+    ) -> tuple[int, int]:
+        """The crop top-left of the mirror image of a crop: ``crop(x, top, left).flip(-1)`` is
+        ``crop(x.flip(-1), top, W - resolution - left)`` for the resized width W."""
+        width, _ = self._resized_size(original_size[1], original_size[0])
+        top, left = crop_top_left
+        return top, width - self.resolution - left
 
     def _resized_size(self, width: int, height: int) -> tuple[int, int]:
         # Same arithmetic as torchvision's Resize(int): the shorter side becomes `resolution`.

@@ -3,7 +3,8 @@
 - ``scorers``: the registry (``build_scorer``, ``build_scorers``, ``score_all``) over ``clip_scorers``
   (PickScore, CLIP score, HPSv2, aesthetic), ``imagereward`` and ``dino``; ``base`` holds the
   ``Scorer`` interface, ``embedding`` the image embedding they and the probe share, ``loading``
-  checkpoint loading.
+  checkpoint loading, ``convert`` the conversion of the released HPSv2 / ImageReward checkpoints into the
+  folders those scorers load (``convert_checkpoint``; ``recipes/convert_scorer.py``).
 - ``winrate``: seed-matched win rates with confidence intervals.
 - ``harness``: ``evaluate_policy``, policy vs base model on a prompt set (``policy_weights`` applies
   the trained weights, ``base_model`` builds the base model and the sampling defaults).
@@ -14,6 +15,7 @@
 
 from diffalign.eval.base import Scorer
 from diffalign.eval.clip_scorers import AestheticScorer, ClipScore, HPSv2, PickScore
+from diffalign.eval.convert import ConversionError, convert_checkpoint
 from diffalign.eval.dino import DinoSimilarity
 from diffalign.eval.embedding import ImageEmbedder
 from diffalign.eval.imagereward import ImageReward
@@ -41,6 +43,7 @@ __all__ = [
     "SCORERS",
     "AestheticScorer",
     "ClipScore",
+    "ConversionError",
     "DinoSimilarity",
     "HPSv2",
     "ImageEmbedder",
@@ -51,6 +54,7 @@ __all__ = [
     "bootstrap_interval",
     "build_scorer",
     "build_scorers",
+    "convert_checkpoint",
     "cosine_distances",
     "embed_images",
     "mismatch_note",

@@ -167,7 +167,7 @@ class HPSv2(_ClipScorer):
     EXPECTED = (
         "a transformers CLIPModel conversion of the HPSv2 weights: config.json + model.safetensors "
         "(or pytorch_model.bin), optionally preprocessor_config.json + tokenizer.json (or vocab.json + "
-        "merges.txt)"
+        "merges.txt) (recipes/convert_scorer.py --kind hpsv2)"
     )
 
     def __init__(self, model: nn.Module, processor: Any, scale: float = 100.0, **kw: Any) -> None:

@@ -38,7 +38,7 @@ class ImageReward(Scorer):
     name = "imagereward"
     EXPECTED = (
         f"a transformers BlipForImageTextRetrieval checkpoint (config.json + model.safetensors, processor "
-        f"files) and the MLP head as {IMAGEREWARD_HEAD}"
+        f"files) and the MLP head as {IMAGEREWARD_HEAD} (recipes/convert_scorer.py --kind imagereward)"
     )
 
     def __init__(

@@ -25,7 +25,14 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-__all__ = ["Objective", "ObjectiveOutput", "check_positive", "check_non_negative"]
+__all__ = ["Objective", "ObjectiveOutput", "check_positive", "check_non_negative", "tie_half_accuracy"]
+
+
+def tie_half_accuracy(margin: Tensor) -> Tensor:
+    """Fraction of margins > 0, a tie (== 0) counting half, as diffusers' Diffusion-DPO script logs
+    ``implicit_acc``: a policy equal to its reference (all margins 0) scores 0.5, not 0."""
+    margin = margin.detach().float()
+    return ((margin > 0).float() + 0.5 * (margin == 0).float()).mean()
 
 
 @dataclass
@@ -35,7 +42,8 @@ class ObjectiveOutput:
     Attributes:
         loss: scalar float32 loss (``per_sample.mean()``), differentiable.
         per_sample: ``(B,)`` per-pair loss, differentiable.
-        margin: ``(B,)`` implicit reward margin; ``> 0`` means the pair is ranked right.
+        margin: ``(B,)`` implicit reward margin; ``> 0`` means the pair is ranked right. Empty
+            (``(0,)``) when no rejected errors were computed (SFT without its diagnostic).
         metrics: detached python floats (common metrics plus objective-specific ones).
     """
 
@@ -93,23 +101,31 @@ class Objective(ABC):
     ``weight`` is the per-sample reward scale lambda(t); a python number or a 0-d tensor is
     broadcast to every pair. Objectives that do not need a reference ignore the reference errors
     except for reporting ``ref_mse_w`` / ``ref_mse_l``.
+
+    ``uses_rejected`` False (SFT without its diagnostic) lets the step skip the rejected images:
+    ``err_l`` may then be None, and the margin metrics (``implicit_acc``, ``margin_*``, ``mse_l``)
+    are not reported. ``implicit_acc`` counts a zero margin as half right (:func:`tie_half_accuracy`).
     """
 
     name: ClassVar[str]
     needs_reference: ClassVar[bool] = False
+    uses_rejected: bool = True
 
     def __call__(
         self,
         err_w: Tensor,
-        err_l: Tensor,
+        err_l: Tensor | None,
         ref_err_w: Tensor | None = None,
         ref_err_l: Tensor | None = None,
         weight: Tensor | float | None = None,
     ) -> ObjectiveOutput:
         err_w = _prepare(self.name, "err_w", err_w, None)
         batch = err_w.shape[0]
+        if err_l is None and self.uses_rejected:
+            raise ValueError(f"{self.name}: err_l (the rejected images' errors) is required")
         err_l = _prepare(self.name, "err_l", err_l, batch)
-        err_l = err_l.to(err_w.device)
+        if err_l is not None:
+            err_l = err_l.to(err_w.device)
         ref_err_w = _prepare(self.name, "ref_err_w", ref_err_w, batch)
         ref_err_l = _prepare(self.name, "ref_err_l", ref_err_l, batch)
         if ref_err_w is not None and ref_err_l is not None:
@@ -129,14 +145,17 @@ class Objective(ABC):
 
         with torch.no_grad():
             margin_d = margin.detach()
-            stats: dict[str, Tensor] = {
-                "implicit_acc": (margin_d > 0).float().mean(),
-                "margin_mean": margin_d.mean(),
-                # population std: defined (zero) for a batch of one pair
-                "margin_std": margin_d.std(unbiased=False),
-                "mse_w": err_w.detach().mean(),
-                "mse_l": err_l.detach().mean(),
-            }
+            stats: dict[str, Tensor] = {}
+            if err_l is not None:
+                stats.update({
+                    "implicit_acc": tie_half_accuracy(margin_d),
+                    "margin_mean": margin_d.mean(),
+                    # population std: defined (zero) for a batch of one pair
+                    "margin_std": margin_d.std(unbiased=False),
+                })
+            stats["mse_w"] = err_w.detach().mean()
+            if err_l is not None:
+                stats["mse_l"] = err_l.detach().mean()
             if ref_err_w is not None and ref_err_l is not None:
                 stats["ref_mse_w"] = ref_err_w.detach().mean()
                 stats["ref_mse_l"] = ref_err_l.detach().mean()
@@ -158,12 +177,13 @@ class Objective(ABC):
     def _compute(
         self,
         err_w: Tensor,
-        err_l: Tensor,
+        err_l: Tensor | None,
         ref_err_w: Tensor | None,
         ref_err_l: Tensor | None,
         weight: Tensor,
     ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-        """Return ``(per_sample, margin, extra_metrics)``; all inputs are float32 ``(B,)``."""
+        """Return ``(per_sample, margin, extra_metrics)``; all inputs are float32 ``(B,)`` (``err_l``
+        None only when ``uses_rejected`` is False)."""
 
     def hparams(self) -> dict[str, float]:
         """The constructor hyperparameters (for logging)."""

@@ -1,28 +1,51 @@
 """MaPO: margin-aware preference optimization, reference free.
 
 Hong et al., "Margin-aware Preference Optimization for Aligning Diffusion Models without
-Reference", arXiv:2406.06424 (AAAI 2026), eq. 9-11:
+Reference", arXiv:2406.06424v2 (AAAI 2026), eq. 9-11, with m = L_MSE the per-sample error:
 
-    L_MaPO(c; x_0^w, x_0^l) = L_MSE(c; x_0^w) + omega * L_margin(c; x_0^w, x_0^l)        (9)
-    L_margin = -log sigma( beta * ( psi(L_MSE(c; x_0^w)) - psi(L_MSE(c; x_0^l)) ) )      (10)
-    psi(m) = s*m / (exp(s*m) - 1)                                                       (11)
+    L_MaPO   = L_MSE(c; x_0^w) + omega * L_margin(c; x_0^w, x_0^l)                     (9)
+    L_margin = -log sigma( psi_beta(m_w) - psi_beta(m_l) )                               (10)
+    psi_beta(m) = beta * psi(s * m),   psi(K) = K / (exp(K) - 1) in (0, 1]              (11)
 
-psi is a bounded, decreasing score in (0, 1] (psi(0) = 1 as a limit), so a lower denoising error
-gives a higher score and the margin needs no reference model.
+Where beta sits. The paper calls beta "the hyperparameter of (11)" that "controls the temperature
+of the score function", so that (10) is "minimized with less likelihood margin" as beta grows; it
+states that the gradient of (10) "is proportional to beta" and weights (10) with omega "to cancel
+out the proportional impact of beta"; its gradient analysis is written for beta = 1 and says the
+amplification factor "scales proportionally with beta" otherwise. All of this holds exactly when
+beta multiplies the score (as a scale inside psi, like the official snr_value, the factor would be
+beta * f(beta * K), which decays with beta instead), and that is where the official code
+(mapo-t2i/mapo, ``compute_loss``) puts its fixed factor T = num_train_timesteps = 1000::
 
-Numerics follow the official implementation (mapo-t2i/mapo, ``utils.compute_loss``) with
-per-element mean errors::
+    loss = mean(err_w) - beta_mapo * mean(logsigmoid(T * (psi(s*err_w) - psi(s*err_l))))
+    T = 1000, s = snr_value = 0.5, beta_mapo = 0.1
 
-    score  = psi(err) with s = snr_value (0.5)
-    margin = beta * weight * (score_w - score_l)            # beta = num_train_timesteps = 1000
-    loss   = mean(err_w) - margin_weight * mean(logsigmoid(margin))   # margin_weight = beta_mapo = 0.1
+The mapping used here, so that a config's ``beta`` is the paper's (Table 4) beta:
 
-omega weights the margin term (the paper chooses it to cancel the proportional effect of beta on
-the margin gradient); the official code uses the constant ``beta_mapo``, here ``margin_weight``.
-``beta`` is the temperature of eq. 10 (the official code multiplies by T = 1000; the paper's
-Table 4 reports best values 8 for generic preference, 32 for culture, 64 for safety/style and
-1024 for personalization). ``margin_weight`` is the official ``beta_mapo``. The optional
-per-sample ``weight`` (reward scale lambda(t)) multiplies beta; the SFT term is unweighted.
+    beta          = T of the official code (the temperature of the score, eq. 11)
+    snr_value     = s (fixed unit of the error inside psi; 0.5 as in the official code)
+    margin_weight = omega = OFFICIAL_MARGIN_SCALE / beta,  OFFICIAL_MARGIN_SCALE = 0.1 * 1000 = 100
+
+so the official code is exactly ``beta: 1000`` (the default; omega = 0.1), and an official run with
+other flags is ``beta: 1000, snr_value: <snr_value>, margin_weight: <beta_mapo>`` (an explicit
+``margin_weight`` is used as given). With z = beta * (psi(s*m_w) - psi(s*m_l)) the margin term's
+gradient is
+
+    d(omega * L_margin)/d m_w = 100 * sigma(-z) * (s/2) * f(s*m_w),   f from eq. 14, in (0, 1],
+
+bounded by 100 * s/2 = 25 for every beta and 12.5 * f at a tie (z = 0), against 1 for the SFT
+term: omega cancels beta's proportional effect. What beta changes is where the margin term fades:
+sigma(-z) is small once the score gap exceeds a few 1/beta. Table 4 (best beta 8 preference,
+32 culture, 64 safety and style, 1024 personalization; "the larger the reference mismatch, the
+larger the optimal beta ... requiring less margin") then reads as the paper says: a large beta
+satisfies the margin with a tiny gap and leaves mostly the SFT term ("matching the distribution
+through L_MSE is more emphasized", its DreamBooth remark), while beta = 8 keeps the margin term
+pushing over the whole range of typical score gaps (|z| < 1). The paper gives no conversion
+between Table 4 and the official defaults; under this mapping the official Pick-a-Pic run
+(beta 1000) sits near Table 4's personalization value, not its preference row.
+
+Errors are per-element means (the official code's too). The optional per-sample ``weight``
+(reward scale lambda(t)) multiplies beta inside the sigmoid (omega stays beta's); the SFT term is
+unweighted.
 
 psi is evaluated without ``0/0`` or overflow: a Taylor expansion for ``|s*m| < 1e-3`` and
 ``x * exp(-x) / -expm1(-x)`` otherwise, whose value and gradient stay finite for any error.
@@ -36,9 +59,12 @@ from torch import Tensor
 
 from .base import Objective, check_non_negative, check_positive
 
-__all__ = ["MaPOObjective", "amplification_factor", "mapo_score"]
+__all__ = ["OFFICIAL_MARGIN_SCALE", "MaPOObjective", "amplification_factor", "mapo_score"]
 
 _TAYLOR_EPS = 1e-3
+
+#: omega * beta of the official code: beta_mapo (0.1) x num_train_timesteps (1000)
+OFFICIAL_MARGIN_SCALE = 100.0
 
 
 def _link(x: Tensor) -> Tensor:
@@ -89,15 +115,22 @@ def amplification_factor(err: Tensor, snr_value: float = 0.5) -> Tensor:
 
 
 class MaPOObjective(Objective):
-    """MaPO; hyperparameters ``beta`` (1000), ``snr_value`` (0.5), ``margin_weight`` (0.1)."""
+    """MaPO with the paper's ``beta`` (default 1000, the official code), ``snr_value`` (0.5) and
+    ``margin_weight`` (omega; None derives ``OFFICIAL_MARGIN_SCALE / beta``, 0.1 at the default)."""
 
     name = "mapo"
     needs_reference = False
 
-    def __init__(self, beta: float = 1000.0, snr_value: float = 0.5, margin_weight: float = 0.1) -> None:
+    def __init__(
+        self, beta: float = 1000.0, snr_value: float = 0.5, margin_weight: float | None = None
+    ) -> None:
         self.beta = check_positive(self.name, "beta", beta)
         self.snr_value = check_positive(self.name, "snr_value", snr_value)
-        self.margin_weight = check_non_negative(self.name, "margin_weight", margin_weight)
+        if margin_weight is None:
+            # omega cancels beta's proportional effect on the margin gradient (Hong et al., eq. 9)
+            self.margin_weight = OFFICIAL_MARGIN_SCALE / self.beta
+        else:
+            self.margin_weight = check_non_negative(self.name, "margin_weight", margin_weight)
 
     def hparams(self) -> dict[str, float]:
         return {"beta": self.beta, "snr_value": self.snr_value, "margin_weight": self.margin_weight}

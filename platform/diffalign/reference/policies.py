@@ -4,11 +4,27 @@ One interface, four strategies:
 - `none`: no reference (MaPO, SFT).
 - `frozen`: the initial model, as in Diffusion-DPO (Wallace et al.).
 - `periodic`: every `tau` optimizer steps the reference is replaced by the current policy.
-- `periodic_threshold`: Kang et al. (AAAI 2026): like `periodic`, but before each replacement the
-  candidate's drift from the initial model is estimated (eq. 8, `divergence.py`); once it passes
-  `delta` the reference stops moving ("frozen near the δ-boundary": it keeps the last copy that
-  was inside the bound), or with `on_exceed="reinit"` it is reset to the initial model and the
-  periodic updates go on.
+- `periodic_threshold`: Kang et al. (AAAI 2026): like `periodic`, but each replacement is checked
+  against the drift from the initial model (eq. 8 or its non-negative variant, `divergence.py`),
+  estimated on a fixed probe set pooled over all data-parallel ranks, so every rank takes the
+  same decision and holds the same reference.
+
+What is checked, and what happens past the bound. The paper bounds "the divergence of the current
+reference model p_ref" from p_init and, past δ, freezes the reference "near the δ-boundary", or
+(Sec. 4, Table 3) re-initializes it to the pre-trained model. We check the reference-to-be: every
+`tau` steps the drift of the *candidate* (the current policy) is estimated before it is adopted.
+- Within δ: the candidate becomes the reference.
+- Past δ, `on_exceed="freeze"`: the reference keeps the last copy that was inside the bound and
+  never moves again, so every reference the loss ever uses is within δ (reading the paper's words
+  literally, checking the current reference, would keep the first copy past δ instead).
+- Past δ, `on_exceed="reinit"`: the reference is reset to the initial model, and the periodic
+  checks go on, again on the candidate. While the policy stays out of bound every later check
+  finds it out again and the reference stays the initial model (a no-op: the version does not
+  change), i.e. reinit behaves like Diffusion-DPO's frozen reference until the policy comes back
+  within δ, when it is adopted again. This matches the paper's account of re-init ("the strong
+  constraint of the initial model restricts exploration"); checking the current reference instead
+  would alternate between the initial model and an out-of-bound policy every `tau` steps.
+A non-finite estimate counts as out of bound (such a policy is never adopted).
 
 Storage is chosen for memory: a LoRA policy keeps the reference as a copy of the adapter tensors
 (kilobytes) and the initial model is simply the policy with adapters disabled; a full fine-tune
@@ -27,17 +43,34 @@ policy forward.
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable
 from contextlib import contextmanager
 
 import torch
 
 from diffalign.models.conditioning import Conditioning
-from diffalign.models.denoiser import Denoiser
+from diffalign.models.denoiser import Denoiser, per_sample_mse
 from diffalign.models.precision import autocast
 from diffalign.models.weights import check_state_dict, is_lora_model, trainable_state_dict
-from diffalign.reference.divergence import estimate_reference_kl
-from diffalign.reference.names import DEFAULT_DELTA, DEFAULT_ON_EXCEED, DEFAULT_TAU, ON_EXCEED, STRATEGIES
+from diffalign.reference.divergence import (
+    PROBE_CHUNK,
+    Estimate,
+    data_parallel_world,
+    fix_probe,
+    gather_probe,
+    per_sample_divergences,
+    pooled_estimates,
+)
+from diffalign.reference.names import (
+    DEFAULT_DELTA,
+    DEFAULT_DIVERGENCE,
+    DEFAULT_ON_EXCEED,
+    DEFAULT_TAU,
+    DIVERGENCES,
+    ON_EXCEED,
+    STRATEGIES,
+)
 
 
 class PendingErrors:
@@ -58,6 +91,7 @@ class ReferencePolicy:
     """Serves per-sample reference errors and decides when the reference changes."""
 
     strategy = "none"
+    needs_probe = False  # True: the step must pass chosen latents to `on_step` (periodic_threshold)
 
     def __init__(self) -> None:
         self.version = 0
@@ -77,8 +111,10 @@ class ReferencePolicy:
         """`errors` of these inputs, computed when the result is read (in the caller's context)."""
         return PendingErrors(lambda: self.errors(noisy, timesteps, cond, target))
 
-    def on_step(self, step: int, probe: dict | None = None) -> dict[str, float]:
-        """Called after optimizer step `step` (1-based); returns metrics to log."""
+    def on_step(self, step: int, probe: dict | None = None,
+                world_size: int | None = None) -> dict[str, float]:
+        """Called after optimizer step `step` (1-based) on every rank; returns metrics to log.
+        `world_size`: the trainer's data-parallel size (see `divergence.data_parallel_world`)."""
         return self.metrics()
 
     def metrics(self) -> dict[str, float]:
@@ -177,26 +213,34 @@ class ModelReference(ReferencePolicy):
         with self._compute(noisy.device):
             return self.denoiser.errors(self.ref_unet, noisy, timesteps, cond, target)
 
-    def _init_errors(self, noisy, timesteps, cond, target):
+    @torch.no_grad()
+    def _init_predict(self, noisy, timesteps, cond):
         if self.lora:
             was_training = self.policy.training
             self.policy.eval()
             try:
                 with self._policy_with(None) as unet:
-                    return self.denoiser.errors(unet, noisy, timesteps, cond, target)
+                    return self.denoiser.predict(unet, noisy, timesteps, cond)
             finally:
                 self.policy.train(was_training)
         with self._compute(noisy.device):
-            return self.denoiser.errors(self.init_unet, noisy, timesteps, cond, target)
+            return self.denoiser.predict(self.init_unet, noisy, timesteps, cond)
 
-    def _candidate_errors(self, noisy, timesteps, cond, target):
+    @torch.no_grad()
+    def _candidate_predict(self, noisy, timesteps, cond):
         was_training = self.policy.training
         self.policy.eval()
         try:
             with self._compute(noisy.device):
-                return self.denoiser.errors(self.policy, noisy, timesteps, cond, target)
+                return self.denoiser.predict(self.policy, noisy, timesteps, cond)
         finally:
             self.policy.train(was_training)
+
+    def _init_errors(self, noisy, timesteps, cond, target):
+        return per_sample_mse(self._init_predict(noisy, timesteps, cond), target)
+
+    def _candidate_errors(self, noisy, timesteps, cond, target):
+        return per_sample_mse(self._candidate_predict(noisy, timesteps, cond), target)
 
     def _adopt_policy(self) -> None:
         if self.lora:
@@ -241,50 +285,149 @@ class FrozenReference(ModelReference):
 class PeriodicReference(ModelReference):
     strategy = "periodic"
 
-    def on_step(self, step: int, probe: dict | None = None) -> dict[str, float]:
+    def on_step(self, step: int, probe: dict | None = None,
+                world_size: int | None = None) -> dict[str, float]:
         if not self.frozen and step % self.tau == 0:
             self._adopt_policy()
         return self.metrics()
 
 
 class ThresholdReference(ModelReference):
-    strategy = "periodic_threshold"
+    """`periodic_threshold` (see module docstring for what is checked and what happens past δ).
 
-    def on_step(self, step: int, probe: dict | None = None) -> dict[str, float]:
+    `divergence` picks the estimator compared with its bound (`delta` for signed, `delta_eps_mse`
+    or else `delta` for eps_mse); both are computed and logged. The probe set is fixed at the first
+    step a full one is passed (gathered over ranks) and kept in the state. `sync_ranks=False`
+    makes each rank decide from its own probe alone: only to see what that would do.
+    """
+
+    strategy = "periodic_threshold"
+    needs_probe = True
+
+    def __init__(self, policy_unet: torch.nn.Module, denoiser: Denoiser, tau: int = DEFAULT_TAU,
+                 delta: float = DEFAULT_DELTA, on_exceed: str = DEFAULT_ON_EXCEED,
+                 dtype: torch.dtype | None = None, divergence: str = DEFAULT_DIVERGENCE,
+                 delta_eps_mse: float | None = None, sync_ranks: bool = True) -> None:
+        super().__init__(policy_unet, denoiser, tau=tau, delta=delta, on_exceed=on_exceed, dtype=dtype)
+        self.divergence = divergence
+        self.delta_eps_mse = None if delta_eps_mse is None else float(delta_eps_mse)
+        self.sync_ranks = sync_ranks
+        self.probe: dict | None = None
+        self.estimates: dict[str, Estimate] = {}
+        self.at_init = True  # the reference holds the initial weights (a reset would change nothing)
+
+    @property
+    def threshold(self) -> float:
+        if self.divergence == "eps_mse" and self.delta_eps_mse is not None:
+            return self.delta_eps_mse
+        return self.delta
+
+    def _world(self, world_size: int | None) -> tuple[int, int]:
+        """(rank, ranks pooled over): all of them, or with sync_ranks=False this one alone."""
+        rank, world = data_parallel_world(world_size)
+        return (rank, world) if self.sync_ranks else (0, 1)
+
+    def on_step(self, step: int, probe: dict | None = None,
+                world_size: int | None = None) -> dict[str, float]:
+        if self.probe is None and probe is not None and not self.frozen:
+            # Every rank passes its first complete probe set at the same step: gather it there.
+            rank, world = data_parallel_world(world_size)
+            if "source_rank" not in probe and "latents" in probe:
+                probe = {**probe, "source_rank": torch.full((probe["latents"].shape[0],), rank)}
+            fixed = fix_probe(gather_probe(probe, world if self.sync_ranks else 1), self.denoiser)
+            self.probe = _probe_to(fixed, "cpu")  # all ranks' samples: kept off the accelerator
         if self.frozen or step % self.tau != 0:
             return self.metrics()
-        if probe is None:
+        if self.probe is None:
             raise ValueError("periodic_threshold needs a probe batch of chosen latents to estimate "
-                             "KL(ref||init)")
-        cond = probe["cond"]
-        div = estimate_reference_kl(
-            lambda x, t, y: self._candidate_errors(x, t, cond, y),
-            lambda x, t, y: self._init_errors(x, t, cond, y),
-            probe["noisy"], probe["timesteps"], probe["target"],
-        )
+                             "KL(ref||init) (reference.divergence_samples of them by the first check)")
+        self.estimates = self.estimate(*self._world(world_size))
+        div = self.estimates[self.divergence].mean
         self.last_divergence = div
-        if div <= self.delta:
+        if math.isfinite(div) and div <= self.threshold:
             self._adopt_policy()
+            self.at_init = False
         elif self.on_exceed == "freeze":
             self.frozen = True  # keep the last reference that was inside the δ-bound
-        else:
+        elif not self.at_init:
             self.reset_to_init()
+            self.at_init = True
         return self.metrics()
+
+    def estimate(self, rank: int = 0, world: int = 1) -> dict[str, Estimate]:
+        """Drift of the candidate (the current policy) from the initial model on the probe set:
+        this rank evaluates samples rank, rank + world, ...; the sums are pooled over `world` ranks."""
+        p = self.probe
+        device = next(self.policy.parameters()).device
+        share = torch.arange(rank, p["noisy"].shape[0], world)
+        values: dict[str, list[torch.Tensor]] = {name: [] for name in DIVERGENCES}
+        for idx in share.split(PROBE_CHUNK):
+            chunk = _probe_to({k: p[k][idx] for k in ("noisy", "timesteps", "target")}
+                              | {"cond": p["cond"].index(idx)}, device)
+            noisy, t, cond = chunk["noisy"], chunk["timesteps"], chunk["cond"]
+            d = per_sample_divergences(self._candidate_predict(noisy, t, cond),
+                                       self._init_predict(noisy, t, cond), chunk["target"])
+            for name in DIVERGENCES:
+                values[name].append(d[name])
+        empty = torch.zeros(0)
+        return pooled_estimates({k: torch.cat(v) if v else empty for k, v in values.items()}, world)
+
+    def metrics(self) -> dict[str, float]:
+        out = super().metrics()
+        if self.estimates:
+            out["ref/divergence_stderr"] = self.estimates[self.divergence].stderr
+            out["ref/divergence_n"] = float(self.estimates[self.divergence].n)
+            for name, e in self.estimates.items():
+                out[f"ref/divergence_{name}"] = e.mean
+                out[f"ref/divergence_{name}_stderr"] = e.stderr
+        return out
+
+    def state_dict(self) -> dict:
+        out = super().state_dict()
+        out["at_init"] = self.at_init
+        out["estimates"] = {k: (e.mean, e.stderr, e.n) for k, e in self.estimates.items()}
+        out["probe"] = None if self.probe is None else {
+            **{k: self.probe[k].detach().cpu() for k in ("noisy", "timesteps", "target")},
+            "cond": {k: v.detach().cpu() for k, v in self.probe["cond"].tensors().items()}}
+        return out
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.at_init = bool(state.get("at_init", self.version == 0))
+        self.estimates = {k: Estimate(*v) for k, v in state.get("estimates", {}).items()}
+        saved = state.get("probe")
+        self.probe = None if saved is None else {
+            **{k: saved[k].cpu() for k in ("noisy", "timesteps", "target")},
+            "cond": Conditioning(**saved["cond"]).to("cpu")}
+
+
+def _probe_to(probe: dict, device: torch.device | str) -> dict:
+    """A probe batch (tensors and a Conditioning) on `device`."""
+    return {k: v.to(device) for k, v in probe.items()}
 
 
 def build_reference(strategy: str, policy_unet: torch.nn.Module | None = None,
                     denoiser: Denoiser | None = None, tau: int = DEFAULT_TAU, delta: float = DEFAULT_DELTA,
-                    on_exceed: str = DEFAULT_ON_EXCEED, dtype: torch.dtype | None = None) -> ReferencePolicy:
+                    on_exceed: str = DEFAULT_ON_EXCEED, dtype: torch.dtype | None = None,
+                    divergence: str = DEFAULT_DIVERGENCE,
+                    delta_eps_mse: float | None = None) -> ReferencePolicy:
     """Reference policy by name (see module docstring)."""
     if strategy not in STRATEGIES:
         raise ValueError(f"reference.strategy must be one of {STRATEGIES}, got {strategy!r}")
     if on_exceed not in ON_EXCEED:
         raise ValueError(f"reference.on_exceed must be one of {ON_EXCEED}, got {on_exceed!r}")
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"reference.divergence must be one of {DIVERGENCES}, got {divergence!r}")
     if strategy == "none":
         return NoReference()
     if tau < 1:
         raise ValueError(f"reference.tau must be >= 1, got {tau}")
-    if strategy == "periodic_threshold" and delta <= 0:
+    if strategy != "periodic_threshold":
+        cls = {"frozen": FrozenReference, "periodic": PeriodicReference}[strategy]
+        return cls(policy_unet, denoiser, tau=tau, delta=delta, on_exceed=on_exceed, dtype=dtype)
+    if delta <= 0:
         raise ValueError(f"reference.delta must be > 0, got {delta}")
-    cls = {"frozen": FrozenReference, "periodic": PeriodicReference, "periodic_threshold": ThresholdReference}
-    return cls[strategy](policy_unet, denoiser, tau=tau, delta=delta, on_exceed=on_exceed, dtype=dtype)
+    if delta_eps_mse is not None and delta_eps_mse <= 0:
+        raise ValueError(f"reference.delta_eps_mse must be > 0, got {delta_eps_mse}")
+    return ThresholdReference(policy_unet, denoiser, tau=tau, delta=delta, on_exceed=on_exceed, dtype=dtype,
+                              divergence=divergence, delta_eps_mse=delta_eps_mse)

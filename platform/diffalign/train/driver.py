@@ -23,7 +23,7 @@ import torch
 
 from diffalign.config import RunConfig, save_config
 from diffalign.models.lora import save_lora
-from diffalign.train.cache import CachedPairs, prefill_prompt_cache
+from diffalign.train.cache import pair_latents, prefill_prompt_cache
 from diffalign.train.engine import TorchEngine, build_optimizer
 from diffalign.train.loop import Trainer
 from diffalign.train.protocols import BatchSource, Engine
@@ -85,8 +85,10 @@ def _training_data(cfg: RunConfig, setup: Setup, rt: Runtime, is_main: bool) -> 
         data = TrainingData(train, held, rt.batch_source)
     if data.issues is None:  # before caching wraps the reader
         data.issues = getattr(data.train, "issues", None)
-    if cfg.data.cache_latents and not cfg.online.enabled and "chosen" in data.train[0]:
-        data.train = CachedPairs(data.train, setup.latent_encoder, progress=is_main and cfg.train.progress)
+    if not cfg.online.enabled and "chosen" in data.train[0]:  # cached or per-read sampled latents
+        data.train = pair_latents(data.train, setup.latent_encoder, cache=cfg.data.cache_latents,
+                                  sampling=cfg.data.latent_sampling, seed=cfg.train.seed,
+                                  progress=is_main and cfg.train.progress)
     return data
 
 

@@ -5,7 +5,8 @@ a pair counts as right when (err_w − init_err_w) < (err_l − init_err_l), i.e
 lowered its error on the chosen image more than on the rejected one (the DPO implicit reward
 against the initial model; ties count half, so it is exactly 0.5 before training for every
 objective). The initial errors are computed once, before any update, so no init copy is kept.
-`heldout/policy_pref_acc` is the reference-free view: err_w < err_l.
+`heldout/policy_pref_acc` is the reference-free view: err_w < err_l (a tie half, as well).
+Latents are the VAE posterior means (never sampled), so every evaluation sees the same inputs.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from diffalign.data.collate import collate_pairs
+from diffalign.objectives.base import tie_half_accuracy
 from diffalign.train.step import make_batch
 
 
@@ -26,6 +28,7 @@ class HeldoutEvaluator:
         n = len(dataset)
         for start in range(0, n, batch_size):
             raw = collate_pairs([dataset[i] for i in range(start, min(n, start + batch_size))])
+            raw.pop("latent_seeds", None)  # pixels are encoded to the mean, whatever the training reads
             with torch.no_grad():  # kept for the whole run: no autograd graph of a trained text encoder
                 batch = make_batch(raw, setup.prompt_encoder, setup.latent_encoder, device)
             bsz = batch.chosen.shape[0]
@@ -75,10 +78,9 @@ class HeldoutEvaluator:
         ew, el = self._errors()
         iw, il = self.init_errors
         margin = (el - il) - (ew - iw)  # > 0: chosen improved more than rejected
-        acc = ((margin > 0).float() + 0.5 * (margin == 0).float()).mean()
         return {
-            "heldout/implicit_acc": float(acc),
-            "heldout/policy_pref_acc": float((ew < el).float().mean()),
+            "heldout/implicit_acc": float(tie_half_accuracy(margin)),
+            "heldout/policy_pref_acc": float(tie_half_accuracy(el - ew)),
             "heldout/mse_w": float(ew.mean()),
             "heldout/mse_l": float(el.mean()),
             "heldout/margin_mean": float(margin.mean()),

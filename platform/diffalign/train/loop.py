@@ -198,7 +198,8 @@ class Trainer:
         self.engine.step()
         self.step += 1
         self._update_ema()
-        ref_metrics = self.setup.reference.on_step(self.step, probe)
+        # Every rank calls it: periodic_threshold pools its drift probes over the ranks here.
+        ref_metrics = self.setup.reference.on_step(self.step, probe, world_size=self.world_size)
         dt = time.perf_counter() - t0
         pairs = cfg.optim.batch_size * accum * self.world_size
         metrics = {

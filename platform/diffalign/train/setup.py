@@ -45,7 +45,8 @@ def configured_reference(cfg: RunConfig, unet: torch.nn.Module, denoiser: Denois
     """The reference policy of the `reference` section, tied to the policy `unet`."""
     r = cfg.reference
     return build_reference(r.strategy, unet, denoiser, tau=r.tau, delta=r.delta, on_exceed=r.on_exceed,
-                           dtype=resolve_reference_dtype(r.dtype, cfg.model.mixed_precision, device))
+                           dtype=resolve_reference_dtype(r.dtype, cfg.model.mixed_precision, device),
+                           divergence=r.divergence, delta_eps_mse=r.delta_eps_mse)
 
 
 def build_setup(

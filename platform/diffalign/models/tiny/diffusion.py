@@ -25,7 +25,7 @@ def _schedulers() -> tuple[DDPMScheduler, DDIMScheduler]:
 
 
 def _vae() -> AutoencoderKL:
-    return AutoencoderKL(
+    vae = AutoencoderKL(
         block_out_channels=(16, 32, 32),
         down_block_types=("DownEncoderBlock2D",) * 3,
         up_block_types=("UpDecoderBlock2D",) * 3,
@@ -39,6 +39,12 @@ def _vae() -> AutoencoderKL:
         # pure noise and the tiny model could barely learn anything about its images.
         scaling_factor=4.0,
     )
+    # A trained VAE's posterior is narrow (LDM trains it with a KL weight of 1e-6); this untrained one
+    # outputs log-variance ~0, a latent std ~4x the spread of its means, which would bury the images
+    # in noise under data.latent_sampling=sample. Lower the log-variance channels (means unchanged).
+    with torch.no_grad():
+        vae.quant_conv.bias[vae.config.latent_channels:] -= 10.0
+    return vae
 
 
 def _text_config(vocab_size: int, **kw) -> CLIPTextConfig:
