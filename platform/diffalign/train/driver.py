@@ -71,7 +71,7 @@ class Runtime:
     track: bool = True  # the MLflow run of rank 0 (with tracking.mlflow); False: the caller tracks
 
 
-def default_device(cfg: RunConfig) -> torch.device:
+def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -125,7 +125,7 @@ def build_trainer(cfg: RunConfig, runtime: Runtime | None = None, **fields: Any)
     `Trainer` is constructed. Callback order: the data's (online sync, whose online/* metrics every
     later callback sees), the reward score, the caller's, MLflow."""
     rt = dataclasses.replace(runtime or Runtime(), **fields)
-    device = torch.device(rt.device) if rt.device is not None else default_device(cfg)
+    device = torch.device(rt.device) if rt.device is not None else default_device()
     # Seeds the policy build (random LoRA init) the same way in every process.
     torch.manual_seed(cfg.train.seed)
     setup = rt.setup or build_setup(cfg, device, reference=rt.reference)
@@ -203,7 +203,7 @@ def run(cfg: RunConfig, runtime: Runtime | None = None, **fields: Any) -> dict[s
             train, held = build_datasets(cfg)
             rt = dataclasses.replace(rt, train_data=train, heldout_data=held)
         if cfg.data.mismatch_probe:
-            check_reference_mismatch(cfg, rt.train_data, rt.device or default_device(cfg),
+            check_reference_mismatch(cfg, rt.train_data, rt.device or default_device(),
                                      tracker.open() if tracker is not None else None)
         summary = fit_and_save(build_trainer(cfg, rt))
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))

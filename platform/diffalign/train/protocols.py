@@ -8,16 +8,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-if TYPE_CHECKING:
-    from diffalign.train.loop import Trainer
-
-# Every event a callback may handle, in the order a run meets them.
-CALLBACK_EVENTS = ("on_start", "on_before_backward", "on_after_backward", "on_step", "on_event",
-                   "on_checkpoint", "on_end", "on_weights_saved")
+# The loop's `Trainer`, not imported: the loop imports these protocols, and the graph stays acyclic
+# even for tools that count type-only imports.
+Trainer = Any
 
 
 class Callback(Protocol):
