@@ -64,3 +64,4 @@ def tiny_cfg(tmp_path):
         return load_config(None, base + list(overrides))
 
     return make
+from s3_server import s3_server  # noqa: E402,F401

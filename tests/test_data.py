@@ -551,8 +551,8 @@ def test_encode_latents_applies_shift_factor():
 
 
 def test_offline_training_on_messy_parquet_reports_dropped_rows(tmp_path):
-    """data.kind=pickapic end to end: the bad rows are skipped, counted and land in the MLflow record;
-    the last data.heldout_pairs good pairs are held out."""
+    """data.kind=pickapic end to end: the bad rows are skipped as training reads them, counted, and land
+    in the MLflow record; the last data.heldout_pairs rows are held out; opening reads no row."""
     import mlflow
     from diffalign.config import load_config
     from diffalign.data.factory import open_pair_dataset
@@ -563,20 +563,21 @@ def test_offline_training_on_messy_parquet_reports_dropped_rows(tmp_path):
     out = tmp_path / "run"
     cfg = load_config(None, [
         "data.kind=pickapic", f"data.path={path}", "data.heldout_pairs=2", f"train.output_dir={out}",
-        "train.max_steps=2", "train.progress=false", "train.eval_every=2", "optim.batch_size=2",
+        "train.max_steps=6", "train.progress=false", "train.eval_every=6", "optim.batch_size=2",
         "objective.name=dpo", "objective.beta=500", "model.finetune=lora", "guard.enabled=false",
         "tracking.experiment=messy"])
     train, held = open_pair_dataset(cfg)
-    assert (len(train), len(held)) == (6, 2)  # 3 good messy rows + 5 numbered, minus 2 held out
-    assert [r.prompt for r in held.records] == ["p3", "p4"]
+    assert (len(train), len(held)) == (11, 2)  # 13 source rows, the last 2 held out
+    assert train.issues.rows_seen == 0  # nothing is read or decoded at open
+    assert [held[i]["prompt"] for i in range(2)] == ["p3", "p4"]
     assert_red_over_blue(train[0])
 
-    summary = run(cfg)
-    assert summary["final_step"] == 2 and 0 <= summary["heldout/implicit_acc"] <= 1
+    summary = run(cfg)  # 6 steps x 2 pairs: every training row is read once
+    assert summary["final_step"] == 6 and 0 <= summary["heldout/implicit_acc"] <= 1
     mlflow.set_tracking_uri(f"sqlite:///{out / 'mlflow.db'}")
     run = mlflow.search_runs(experiment_names=["messy"], output_format="list")[0]
     metrics = run.data.metrics
-    assert metrics["data.rows_seen"] == 13 and metrics["data.pairs"] == 8
+    assert metrics["data.rows_seen"] == 11 and metrics["data.pairs"] == 6
     for kind, n in EXPECTED_ISSUES.items():
         assert metrics[f"data.dropped.{kind}"] == n, kind
 

@@ -49,13 +49,18 @@ class MlflowTracker:
         self._img_every = cfg.train.sample_every
 
     # --- Trainer callback hooks
-    def on_start(self, trainer) -> None:
+    def log_data_issues(self, trainer) -> None:
+        """What the readers dropped and why, never a silent drop. Logged at the start and again at
+        the end: raw files read lazily count their rows as training reads them."""
         issues = getattr(trainer, "data_issues", None)
-        if issues is not None:  # what the readers dropped and why, never a silent drop
+        if issues is not None:
             counts = {"data.rows_seen": issues.rows_seen, "data.pairs": issues.items_yielded,
                       **{f"data.dropped.{k}": n for k, n in issues.summary().items()}}
             self.mlflow.log_metrics({k: float(v) for k, v in counts.items()}, step=trainer.step)
             self.mlflow.log_text(issues.report(), "data_issues.txt")
+
+    def on_start(self, trainer) -> None:
+        self.log_data_issues(trainer)
         if trainer.step == 0:
             self.log_images(trainer, "samples/step_000000.png")
 
@@ -72,6 +77,7 @@ class MlflowTracker:
         self.log_json(event, f"events/{event['kind']}_{len(trainer.events):03d}.json")
 
     def on_end(self, trainer, summary: dict) -> None:
+        self.log_data_issues(trainer)
         self.log_images(trainer, f"samples/step_{trainer.step:06d}.png")
         self.log_bins(trainer)
         self.mlflow.log_dict({k: float(v) for k, v in summary.items()}, "summary.json")

@@ -114,10 +114,15 @@ class TimestepConfig:
 LATENT_SAMPLING = ("sample", "mean")
 
 
+DATA_KINDS = ("synthetic", "pickapic", "hf_disk", "jsonl", "csv", "folder", "store")
+
+
 @dataclass
 class DataConfig:
-    kind: str = "synthetic"  # synthetic | pickapic | hf_disk | jsonl | csv | folder
+    # store: a pair store made by recipes/prepare_data.py (data.path = its root, local or a URI).
+    kind: str = "synthetic"  # synthetic | pickapic | hf_disk | jsonl | csv | folder | store
     path: str | None = None
+    split: str = "train"  # the split read from a Hub snapshot's parquet folder or a saved DatasetDict
     num_pairs: int = 64  # synthetic only
     heldout_pairs: int = 32
     prompt: str | None = None  # folder: the identifier prompt ("a photo of sks dog")
@@ -134,6 +139,11 @@ class DataConfig:
     cache_prompt_embeds: bool = True
     max_samples: int | None = None
     on_error: str = "skip"  # skip | raise
+    # Raw files (pickapic / hf_disk / jsonl / csv) are read lazily, a block of rows at a time: blocks of
+    # at most `read_block_rows` rows; `shuffle_blocks` blocks are shuffled together (and held in
+    # memory) at once. Each rank reads its own blocks (diffalign/train/data_order.py BlockOrder).
+    read_block_rows: int = 256
+    shuffle_blocks: int = 4
     # Threads decoding the next micro-batches while the step computes (0: read in the step);
     # unused with cached latents, where nothing is decoded.
     num_workers: int = 0
@@ -305,6 +315,31 @@ class EvalConfig:
     probe_only: bool = False  # only the reference-mismatch probe (data.mismatch_probe)
 
 
+# prepare.latents / prepare.dtype of recipes/prepare_data.py (diffalign.data.store.STORE_DTYPES).
+PREPARE_LATENTS = ("moments", "mean")
+PREPARE_DTYPES = ("bfloat16", "float32")
+
+
+@dataclass
+class PrepareConfig:
+    """recipes/prepare_data.py: the pair store (diffalign.data.store) of the data section's source for the
+    model section's VAE and text encoders, made once on Ray Data actors and read by every run with
+    `data.kind=store data.path=<prepare.output>`. A killed prepare resumes where it stopped."""
+
+    output: str | None = None  # store root: a folder or a URI (s3://...); required by the recipe
+    shard_rows: int = 1024  # source rows per pair shard (its valid pairs are one file)
+    prompt_shard_rows: int = 4096  # unique prompts per text-embedding shard
+    encode: bool = True  # VAE latents + prompt embeddings; false: a validated store of the encoded images
+    latents: str = "moments"  # moments: mean and std (what data.latent_sampling=sample needs) | mean
+    dtype: str = "bfloat16"  # bfloat16 | float32: latents and embeddings as stored
+    embeddings: bool = True  # text-encoder outputs once per unique prompt (with encode only)
+    num_actors: int = 1  # Ray Data actors, each holding the VAE and the text encoders
+    gpus_per_actor: float = 0.0  # a fraction shares a GPU
+    cpus_per_actor: float = 1.0
+    batch_size: int = 16  # images per VAE batch (and prompts per text-encoder batch)
+    report: str | None = None  # the bad-input report (JSON); None -> <output>/report.json
+
+
 @dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -321,6 +356,7 @@ class RunConfig:
     tune: TuneConfig = field(default_factory=TuneConfig)
     build: BuildConfig = field(default_factory=BuildConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    prepare: PrepareConfig = field(default_factory=PrepareConfig)
 
     def to_dict(self) -> dict:
         out = {f.name: dataclasses.asdict(getattr(self, f.name)) for f in dataclasses.fields(self)}

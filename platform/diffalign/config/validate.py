@@ -4,9 +4,20 @@ field and the allowed values; invalid configs fail here, before any model is bui
 
 from __future__ import annotations
 
+import glob as globlib
+import os
 from pathlib import Path
 
-from diffalign.config.schema import LATENT_SAMPLING, ONLINE_MODES, STYLE_PRESET_NAMES, ConfigError, RunConfig
+from diffalign.config.schema import (
+    DATA_KINDS,
+    LATENT_SAMPLING,
+    ONLINE_MODES,
+    PREPARE_DTYPES,
+    PREPARE_LATENTS,
+    STYLE_PRESET_NAMES,
+    ConfigError,
+    RunConfig,
+)
 from diffalign.models.precision import MIXED_PRECISION, REFERENCE_DTYPES
 from diffalign.objectives import OBJECTIVES, build_objective, objective_needs_reference
 from diffalign.reference.names import DIVERGENCES, ON_EXCEED, STRATEGIES
@@ -168,24 +179,39 @@ def validate(cfg: RunConfig, check_paths: bool = True) -> None:
         raise ConfigError(f"timesteps.num_bins must be >= 1, got {t.num_bins}")
     _choice(t.reward_scale, ("constant", "inv_sqrt_snr"), "timesteps.reward_scale")
 
-    _choice(d.kind, ("synthetic", "pickapic", "hf_disk", "jsonl", "csv", "folder"), "data.kind")
+    _choice(d.kind, DATA_KINDS, "data.kind")
     _choice(d.on_error, ("skip", "raise"), "data.on_error")
     _choice(d.latent_sampling, LATENT_SAMPLING, "data.latent_sampling")
     if d.kind != "synthetic":
         if not d.path:
             raise ConfigError(f"data.path is required for data.kind={d.kind}")
         if check_paths and "://" not in d.path and not Path(d.path).exists():
-            raise ConfigError(f"data.path does not exist: {d.path}")
+            # A glob (Hub snapshot shards: data/train-*.parquet) must match a file; stdlib glob, since
+            # diffalign.config must not import diffalign.data (whose uri.glob the readers use).
+            if not any(c in d.path for c in "*?["):
+                raise ConfigError(f"data.path does not exist: {d.path}")
+            if not any(os.path.isfile(p) for p in globlib.iglob(os.path.expanduser(d.path), recursive=True)):
+                raise ConfigError(f"data.path matches no file: {d.path}")
     if d.kind == "folder" and not d.prompt:
         raise ConfigError(
             "data.prompt (the identifier prompt, e.g. 'a photo of sks dog') is required for data.kind=folder"
         )
+    if d.read_block_rows < 1:
+        raise ConfigError(f"data.read_block_rows must be >= 1, got {d.read_block_rows}")
+    if d.shuffle_blocks < 1:
+        raise ConfigError(f"data.shuffle_blocks must be >= 1, got {d.shuffle_blocks}")
     if d.num_workers < 0:
         raise ConfigError(f"data.num_workers must be >= 0 (0: read in the step), got {d.num_workers}")
     if d.mismatch_probe_n < 1:
         raise ConfigError(f"data.mismatch_probe_n must be >= 1, got {d.mismatch_probe_n}")
     if d.mismatch_probe and check_paths:
         _local_model_exists(d.mismatch_probe, "data.mismatch_probe")
+    if d.kind == "store" and d.mismatch_probe:
+        raise ConfigError("data.mismatch_probe compares source images with samples: point it at the raw "
+                          "pairs (data.kind=pickapic ...), not at a pair store (data.kind=store)")
+    if d.kind == "store" and cfg.online.enabled:
+        raise ConfigError("online.enabled needs data.kind=folder (the user's target images), "
+                          "not a pair store")
 
     op = cfg.optim
     _positive(op.lr, "optim.lr")
@@ -235,6 +261,7 @@ def validate(cfg: RunConfig, check_paths: bool = True) -> None:
             raise ConfigError(f"tune.{name} must be >= {least}, got {getattr(cfg.tune, name)}")
     _validate_build(cfg, check_paths)
     _validate_eval(cfg, check_paths)
+    _validate_prepare(cfg)
 
 
 def _validate_eval(cfg: RunConfig, check_paths: bool) -> None:
@@ -273,3 +300,27 @@ def _validate_eval(cfg: RunConfig, check_paths: bool) -> None:
         raise ConfigError(f"eval.prompts: prompt file {e.prompts!r} does not exist")
     if e.references and not Path(e.references).is_dir():
         raise ConfigError(f"eval.references: image folder {e.references!r} does not exist")
+
+
+def _validate_prepare(cfg: RunConfig) -> None:
+    """The prepare section (recipes/prepare_data.py). Every config carries it, so prepare.output is
+    required by the recipe, not here."""
+    p = cfg.prepare
+    for name in ("output", "report"):
+        value = getattr(p, name)
+        if value is not None and not str(value).strip():
+            raise ConfigError(f"prepare.{name} must be a path or a URI, got {value!r}")
+    for name in ("shard_rows", "prompt_shard_rows", "num_actors", "batch_size"):
+        value = getattr(p, name)
+        if value < 1:
+            raise ConfigError(f"prepare.{name} must be >= 1, got {value}")
+    _choice(p.latents, PREPARE_LATENTS, "prepare.latents")
+    _choice(p.dtype, PREPARE_DTYPES, "prepare.dtype")
+    if not p.cpus_per_actor > 0:
+        raise ConfigError(f"prepare.cpus_per_actor must be > 0, got {p.cpus_per_actor}")
+    g = p.gpus_per_actor
+    if not g >= 0:
+        raise ConfigError(f"prepare.gpus_per_actor must be >= 0, got {g}")
+    if g > 1 and not float(g).is_integer():
+        raise ConfigError(f"prepare.gpus_per_actor={g}: a fraction of a GPU must be <= 1; above one GPU use "
+                          "whole numbers")

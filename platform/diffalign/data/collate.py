@@ -15,6 +15,8 @@ _TENSOR_KEYS = {
     "chosen_latents": "chosen_latents",
     "rejected_latents": "rejected_latents",
     "image_latents": "image_latents",
+    "prompt_embeds": "prompt_embeds",  # text-encoder outputs read from a pair store
+    "pooled_embeds": "pooled_embeds",
 }
 _LIST_KEYS = {"prompt": "prompts", "original_size": "original_sizes", "crop_top_left": "crop_top_lefts"}
 

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import random
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
+from diffalign.data import uri
 from diffalign.data.issues import (
     MALFORMED_ROW,
     MISSING_COLUMN,
+    MISSING_FILE,
     MISSING_VALUE,
     UNREADABLE_IMAGE,
     DataError,
@@ -19,18 +22,21 @@ from diffalign.data.issues import (
     check_on_error,
     describe,
 )
-from diffalign.data.stream import EpochItems, PairStream, RawPair
+from diffalign.data.stream import EpochItems, PairStream, RawPair, _RowProblem
 from diffalign.data.transforms import IMAGE_EXTENSIONS, PairTransform, decode_image
 
 
 class PairFileDataset(PairStream):
     """(prompt, chosen_path, rejected_path) rows from a ``.jsonl`` or ``.csv`` file.
 
-    Relative image paths are resolved against the listing file's folder. The listing itself is read
-    at construction (it is small); images are decoded while streaming. A CSV header without a required
-    column, or a JSONL file where no row has it, raises :class:`DataError` here. A row lacking a value,
-    a missing or unreadable image, or an unparsable JSONL line is counted in ``.issues`` and skipped
-    (or raised with ``on_error="raise"``). Other keyword arguments go to :class:`PairStream`.
+    Relative image paths are resolved against the listing file's folder. The listing may be a storage
+    URI (``s3://bucket/pairs.jsonl``), read through :mod:`diffalign.data.uri`: its relative image
+    paths are then URIs too, and any image URI is read as bytes (kept encoded by ``materialize``).
+    The listing itself is read at construction (it is small); images are decoded while streaming.
+    A CSV header without a required column, or a JSONL file where no row has it, raises
+    :class:`DataError` here. A row lacking a value, a missing or unreadable image, or an unparsable
+    JSONL line is counted in ``.issues`` and skipped (or raised with ``on_error="raise"``). Other
+    keyword arguments go to :class:`PairStream`.
     """
 
     def __init__(
@@ -44,15 +50,16 @@ class PairFileDataset(PairStream):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        self.path = Path(path)
-        if not self.path.is_file():
+        # A URI stays a string (pyarrow filesystem); a local path is a Path, as before.
+        self.path: Path | str = str(path) if uri.is_uri(path) else Path(path)
+        if not (self.path.is_file() if isinstance(self.path, Path) else uri.is_file(self.path)):
             raise FileNotFoundError(f"pair listing not found: {self.path}")
         if format == "auto":
-            format = "csv" if self.path.suffix.lower() == ".csv" else "jsonl"
+            format = "csv" if uri.strip_query(str(self.path)).lower().endswith(".csv") else "jsonl"
         if format not in ("jsonl", "csv"):
             raise ValueError(f"format must be 'auto', 'jsonl' or 'csv', got {format!r}")
         self.format = format
-        self.base_dir = self.path.parent
+        self.base_dir: Path | str = self.path.parent if isinstance(self.path, Path) else uri.parent(self.path)
         self.columns = (prompt_column, chosen_column, rejected_column)
         # Each row: (location, record dict or None, parse error or None).
         self._rows: list[tuple[str, dict[str, Any] | None, str | None]] = (
@@ -67,8 +74,14 @@ class PairFileDataset(PairStream):
             column=column,
         )
 
+    def _open_text(self, newline: str | None) -> IO[str]:
+        if isinstance(self.path, Path):
+            return open(self.path, newline=newline, encoding="utf-8")
+        # The same newline handling as open() in text mode, over the listing's bytes.
+        return io.TextIOWrapper(io.BytesIO(uri.read_bytes(self.path)), encoding="utf-8", newline=newline)
+
     def _read_csv(self) -> list[tuple[str, dict[str, Any] | None, str | None]]:
-        with open(self.path, newline="", encoding="utf-8") as f:
+        with self._open_text(newline="") as f:
             reader = csv.DictReader(f)
             header = reader.fieldnames or []
             for column in self.columns:
@@ -83,7 +96,7 @@ class PairFileDataset(PairStream):
     def _read_jsonl(self) -> list[tuple[str, dict[str, Any] | None, str | None]]:
         rows: list[tuple[str, dict[str, Any] | None, str | None]] = []
         seen: set[str] = set()
-        with open(self.path, encoding="utf-8") as f:
+        with self._open_text(newline=None) as f:
             for n, line in enumerate(f, start=1):
                 if not line.strip():
                     continue
@@ -105,6 +118,12 @@ class PairFileDataset(PairStream):
 
     def _source_rows(self) -> int:
         return len(self._rows)
+
+    def read_blocks(self) -> list[int]:
+        """Row counts, in row order, of chunks of 1024 listing rows (all in memory: any split is cheap).
+        They sum to the listing's rows (before ``max_samples``)."""
+        n = len(self._rows)
+        return [1024] * (n // 1024) + ([n % 1024] if n % 1024 else [])
 
     def _iter_raw(self, start: int, stop: int) -> Iterator[RawPair]:
         prompt_col, chosen_col, rejected_col = self.columns
@@ -140,8 +159,26 @@ class PairFileDataset(PairStream):
             yield raw
 
     def _resolve(self, raw: RawPair, column: str, value: Any) -> Any:
-        path = Path(str(value).strip())
-        return path if path.is_absolute() else self.base_dir / path
+        text = str(value).strip()
+        if uri.is_uri(text):
+            return self._read_uri(column, text)
+        path = Path(text)
+        if path.is_absolute():
+            return path
+        if isinstance(self.base_dir, Path):
+            return self.base_dir / path
+        return self._read_uri(column, uri.join(self.base_dir, path.as_posix()))
+
+    def _read_uri(self, column: str, target: str) -> bytes:
+        """An image at a URI as bytes: decode_image opens local paths only."""
+        try:
+            return uri.read_bytes(target)
+        except OSError as e:
+            if not uri.exists(target):
+                raise _RowProblem(MISSING_FILE, column, f"file not found: {target}") from e
+            raise _RowProblem(
+                UNREADABLE_IMAGE, column, f"unreadable image ({target}): {type(e).__name__}: {e}"
+            ) from e
 
 
 class ImageFolderDataset(EpochItems):

@@ -205,10 +205,12 @@ class PairStream(EpochSeeded, IterableDataset):
             item = self.transform(chosen, rejected, self._rng(self.epoch, raw.index))
             yield {"prompt": record.prompt, **item}
 
-    def _check(self, raw: RawPair, issues: DataIssues) -> tuple[PairRecord, Any, Any] | None:
-        """Validate one row; on a problem count it (or raise) and return None."""
+    def _check(self, raw: RawPair, issues: DataIssues,
+               decode: bool = True) -> tuple[PairRecord, Any, Any] | None:
+        """Validate one row; on a problem count it (or raise) and return None. `decode=False` trusts
+        images already checked once (the images returned are then None)."""
         try:
-            return self._validate(raw)
+            return self._validate(raw, decode)
         except _RowProblem as p:
             message = describe(raw.source, raw.location, p.column, p.detail)
             if self.on_error == "raise" and p.kind not in BENIGN_KINDS:
@@ -218,7 +220,7 @@ class PairStream(EpochSeeded, IterableDataset):
             issues.add(p.kind, message)
             return None
 
-    def _validate(self, raw: RawPair) -> tuple[PairRecord, Any, Any]:
+    def _validate(self, raw: RawPair, decode: bool = True) -> tuple[PairRecord, Any, Any]:
         if raw.problem is not None:
             raise _RowProblem(*raw.problem)
         first_preferred = True
@@ -251,6 +253,10 @@ class PairStream(EpochSeeded, IterableDataset):
             if _is_missing(value):
                 raise _RowProblem(MISSING_VALUE, column, "missing image")
             value = self._resolve(raw, column, value)
+            if not decode:
+                values.append(value)
+                images.append(None)
+                continue
             if isinstance(value, Path) and not value.is_file():
                 raise _RowProblem(MISSING_FILE, column, f"file not found: {value}")
             try:

@@ -103,7 +103,13 @@ class PromptEncoder:
         crop_top_lefts: list[tuple[int, int]] | None = None,
     ) -> Conditioning:
         embeds, pooled = self.text_embeddings(list(prompts))
+        return self.conditioning(embeds, pooled, original_sizes, crop_top_lefts)
+
+    def conditioning(self, embeds: torch.Tensor, pooled: torch.Tensor | None,
+                     original_sizes: list[tuple[int, int]] | None = None,
+                     crop_top_lefts: list[tuple[int, int]] | None = None) -> Conditioning:
+        """The conditioning of text-encoder outputs computed elsewhere (a pair store's embeddings)."""
         if pooled is None:
             return Conditioning(embeds.float())
-        time_ids = self.time_ids(len(prompts), original_sizes, crop_top_lefts)
-        return Conditioning(embeds.float(), pooled.float(), time_ids)
+        time_ids = self.time_ids(embeds.shape[0], original_sizes, crop_top_lefts)
+        return Conditioning(embeds.float(), pooled.float().to(embeds.device), time_ids)

@@ -81,7 +81,7 @@ def _training_data(cfg: RunConfig, setup: Setup, rt: Runtime, is_main: bool) -> 
     elif rt.train_data is not None:
         data = TrainingData(rt.train_data, rt.heldout_data, rt.batch_source)
     else:
-        train, held = build_datasets(cfg)
+        train, held = build_datasets(cfg, setup.bundle)
         data = TrainingData(train, held, rt.batch_source)
     if data.issues is None:  # before caching wraps the reader
         data.issues = getattr(data.train, "issues", None)

@@ -28,7 +28,7 @@ from diffalign.train.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from diffalign.train.data_order import BatchOrder
+from diffalign.train.data_order import batch_order
 from diffalign.train.diagnostics import TimestepBins
 from diffalign.train.guards import OK, ROLLBACK, StabilityGuard
 from diffalign.train.heldout import HeldoutEvaluator
@@ -65,7 +65,8 @@ class Trainer:
             g.max_bad_steps, g.spike_sigmas, g.spike_window, g.spike_min_history, g.enabled
         )
         self.bins = TimestepBins(self.setup.bundle.num_train_timesteps)
-        self.order = BatchOrder(len(train_data), cfg.optim.batch_size, cfg.train.seed, rank, world_size)
+        self.order = batch_order(train_data, cfg.optim.batch_size, cfg.train.seed, rank, world_size,
+                                 cfg.data.shuffle_blocks)
         # Decoding is what background readers hide; cached latents need none.
         workers = 0 if isinstance(train_data, CachedPairs) else cfg.data.num_workers
         self.reader = ReadAhead(

@@ -80,13 +80,26 @@ def build_setup(
     return Setup(cfg, bundle, groups, denoiser, step, prompt_encoder, LatentEncoder(bundle))
 
 
-def build_datasets(cfg: RunConfig) -> tuple[torch.utils.data.Dataset, torch.utils.data.Dataset | None]:
-    """(train, held-out) pair datasets for offline training."""
+def build_datasets(cfg: RunConfig, bundle: ModelBundle | None = None
+                   ) -> tuple[torch.utils.data.Dataset, torch.utils.data.Dataset | None]:
+    """(train, held-out) pair datasets for offline training. A pair store (`data.kind: store`) is
+    checked against `bundle`'s VAE and text encoders, the models its latents were made with."""
     d = cfg.data
     if d.kind == "synthetic":
         train = SyntheticPairs(d.num_pairs, cfg.model.resolution, seed=cfg.train.seed)
         held = SyntheticPairs(d.heldout_pairs, cfg.model.resolution, seed=cfg.train.seed + 7919)
         return train, held
+    if d.kind == "store":
+        from diffalign.data.store import model_identity, open_store
+        from diffalign.data.transforms import PairTransform
+
+        if bundle is None:
+            raise ValueError("data.kind=store is checked against the run's models: pass the bundle")
+        return open_store(d.path, identity=model_identity(bundle), resolution=cfg.model.resolution,
+                          center_crop=d.center_crop, random_flip=d.random_flip, sampling=d.latent_sampling,
+                          seed=cfg.train.seed, heldout=d.heldout_pairs,
+                          transform=PairTransform(cfg.model.resolution, not d.center_crop, d.random_flip),
+                          embeddings=not cfg.model.train_text_encoder)
     from diffalign.data.factory import open_pair_dataset
 
     return open_pair_dataset(cfg)

@@ -97,7 +97,11 @@ def make_batch(batch: dict, encoder: PromptEncoder, latent_encoder: LatentEncode
         seeds = None if pairs is None else [s[0] for s in pairs] + [s[1] for s in pairs]
         both = latent_encoder(torch.cat([batch["chosen"], batch["rejected"]]), seeds)
         chosen, rejected = both.chunk(2)
-    cond = encoder(batch["prompts"], batch.get("original_sizes"), batch.get("crop_top_lefts"))
+    if "prompt_embeds" in batch and not getattr(encoder, "trainable", False):
+        cond = encoder.conditioning(batch["prompt_embeds"], batch.get("pooled_embeds"),
+                                    batch.get("original_sizes"), batch.get("crop_top_lefts"))
+    else:
+        cond = encoder(batch["prompts"], batch.get("original_sizes"), batch.get("crop_top_lefts"))
     return PairBatch(chosen.to(device), rejected.to(device), cond.to(device), list(batch["prompts"]))
 
 
