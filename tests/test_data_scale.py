@@ -266,3 +266,51 @@ def test_learner_memory_does_not_grow_with_the_dataset(tmp_path):
     print({"raw": raw, "store": st, "cached": cached, "data_bytes": big, "store_bytes": store_bytes})
     assert cached["rows_seen"] == 4000
     assert (cached["maxrss_kib"] - raw["large"]["maxrss_kib"]) * 1024 > 0.3 * big
+
+
+# --------------------------------------------------------------------------- exact resume, 2 learners
+
+@pytest.mark.slow
+def test_two_learners_on_a_store_resume_exactly_after_a_kill(ray_local, tiny_cfg, tmp_path):
+    """Two Ray Train learners read their own rows of one store; rank 1 is killed at step 4, the group
+    comes back from the step-2 checkpoint and redoes steps 3-4 bit for bit."""
+    from diffalign.actors.learner import FaultInjection, effective_steps, read_step_log, train_with_ray
+    from diffalign.models.build import build_policy
+
+    root = tmp_path / "store"
+    write_demo_store(str(root), build_policy(tiny_cfg())[0], pairs=40, resolution=32, shard_rows=16)
+    cfg = tiny_cfg("ray.num_learners=2", "train.checkpoint_every=2", "optim.batch_size=2", "data.kind=store",
+                   f"data.path={root}", "data.heldout_pairs=8", "objective.name=dpo")
+    out = train_with_ray(cfg, fault=FaultInjection(kill_at_step=4, rank=1))
+    assert out["step"] == 4 and out["ranks_in_sync"]
+    log = read_step_log(out["step_log"])
+    starts = [r for r in log if r["event"] == "start"]
+    assert len(starts) == 2 and starts[1]["restored_step"] == 2
+    assert effective_steps(log) == [1, 2, 3, 4]
+    first = {r["step"]: r for r in log if r["event"] == "step" and r["attempt"] == starts[0]["attempt"]}
+    again = {r["step"]: r for r in log if r["event"] == "step" and r["attempt"] == starts[1]["attempt"]}
+    for step in (3, 4):
+        assert again[step]["loss"] == first[step]["loss"]
+        assert again[step]["fingerprint"] == first[step]["fingerprint"]
+    assert out["rank_fingerprints"][0] == first[4]["fingerprint"]
+
+
+def test_a_corrupt_row_group_is_named_and_skipped_or_raised(tiny_cfg, tmp_path):
+    from diffalign.data.factory import open_pair_dataset
+    from diffalign.data.issues import DataError
+
+    path = tmp_path / "p.parquet"
+    write_pickapic_parquet(path, 16, row_group_size=8)
+    data = bytearray(path.read_bytes())
+    data[4:40] = b"\xff" * 36  # the first row group's page header: unreadable, the footer is fine
+    path.write_bytes(bytes(data))
+    cfg = tiny_cfg("data.kind=pickapic", f"data.path={path}", "data.heldout_pairs=0",
+                   "data.read_block_rows=8")
+    train, _ = open_pair_dataset(cfg)  # opening reads footers only
+    assert train.item(2, 0)["prompt"] == "a red thing, number 8"  # replaced from the next block
+    assert train.issues.count("unreadable_block") == 1 and train.issues.rows_seen == 16
+    assert f"{path} rows [0, 8) cannot be read" in train.issues.report()
+    strict, _ = open_pair_dataset(tiny_cfg("data.kind=pickapic", f"data.path={path}", "data.heldout_pairs=0",
+                                           "data.read_block_rows=8", "data.on_error=raise"))
+    with pytest.raises(DataError, match=r"p\.parquet rows \[0, 8\) cannot be read"):
+        strict.item(2, 0)

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from diffalign.data.issues import DataError, DataIssues
+from diffalign.data.issues import UNREADABLE_BLOCK, DataError, DataIssues
 from diffalign.data.stream import EpochItems, PairStream
 
 
@@ -74,26 +74,61 @@ class LazyPairs(EpochItems):
                 self._blocks.move_to_end(b)
                 return rows
             lo, hi = self.start + int(self._edges[b]), self.start + int(self._edges[b + 1])
-            rows = []
-            for raw in self.stream._iter_raw(lo, hi):
-                local = raw.index - self.start
-                if self._bad[local]:
-                    rows.append((raw.index, None))
-                    continue
-                checked = self.stream._check(raw, self.issues, decode=not self._checked[local])
-                if not self._checked[local]:
-                    self._checked[local] = True
-                    self.issues.rows_seen += 1
-                    self.issues.items_yielded += checked is not None
-                if checked is None:
-                    self._bad[local] = True
-                    rows.append((raw.index, None))
-                else:  # the encoded images, not the decoded ones: a block of JPEG bytes is small
-                    rows.append((raw.index, checked[0]))
+            try:
+                rows, fresh, bad, found = self._read_block(lo, hi)
+            except DataError:
+                raise
+            except Exception as e:  # a corrupt page or row group: name where, count (or raise) its rows
+                where = self._where(lo, hi)
+                message = f"{where} cannot be read: {type(e).__name__}: {e}"
+                if self.stream.on_error == "raise":
+                    raise DataError(message, kind=UNREADABLE_BLOCK, source=where) from e
+                self.issues.add(UNREADABLE_BLOCK, message)
+                span = slice(lo - self.start, hi - self.start)
+                self.issues.rows_seen += int((~self._checked[span]).sum())
+                self._checked[span], self._bad[span] = True, True
+                rows = [(index, None) for index in range(lo, hi)]
+            else:  # counted once the whole block was read, so a failed read counts nothing twice
+                self.issues.merge(found)
+                self._checked[fresh] = True
+                self._bad[bad] = True
             self._blocks[b] = rows
             while len(self._blocks) > self.cache_blocks:
                 self._blocks.popitem(last=False)
             return rows
+
+    def _where(self, lo: int, hi: int) -> str:
+        """The file (and its rows) holding source rows [lo, hi), for messages."""
+        files, groups = getattr(self.stream, "files", None), getattr(self.stream, "_row_groups", None)
+        if files and groups:
+            offset = 0
+            for path, sizes in zip(files, groups):
+                if offset <= lo < offset + sum(sizes):
+                    return f"{path} rows [{lo - offset}, {hi - offset})"
+                offset += sum(sizes)
+        return f"{self.source} rows [{lo}, {hi})"
+
+    def _read_block(self, lo: int, hi: int) -> tuple[list, list[int], list[int], DataIssues]:
+        """(rows, local rows checked for the first time, local rows found bad, their account)."""
+        rows, fresh, bad = [], [], []
+        found = DataIssues(self.issues.max_examples)
+        for raw in self.stream._iter_raw(lo, hi):
+            local = raw.index - self.start
+            if self._bad[local]:
+                rows.append((raw.index, None))
+                continue
+            first = not self._checked[local]
+            checked = self.stream._check(raw, found, decode=first)
+            if first:
+                fresh.append(local)
+                found.rows_seen += 1
+                found.items_yielded += checked is not None
+            if checked is None:
+                bad.append(local)
+                rows.append((raw.index, None))
+            else:  # the encoded images, not the decoded ones: a block of JPEG bytes is small
+                rows.append((raw.index, checked[0]))
+        return rows, fresh, bad, found
 
     def _record(self, i: int):
         """The record of local row i, or of its replacement when row i is bad."""

@@ -40,6 +40,8 @@ from diffalign.train.step import LatentEncoder
 log = logging.getLogger(__name__)
 
 _SIZE_KEYS = ("original_size", "crop_top_left")
+# Pairs above which the in-memory latent cache is worth a warning: a pair store scales, this does not.
+LARGE_IN_MEMORY_CACHE = 50_000
 
 
 def _read(dataset: Dataset, i: int, epoch: int) -> dict:
@@ -164,6 +166,11 @@ def pair_latents(dataset: Dataset, latent_encoder: LatentEncoder, *, cache: bool
     """The training pairs as the step reads them (`data.cache_latents`, `data.latent_sampling`):
     cached latents, pixels with per-read noise seeds, or the pixels as they are (`mean`, uncached)."""
     if cache:
+        if len(dataset) > LARGE_IN_MEMORY_CACHE:
+            log.warning("data.cache_latents=true reads, decodes and VAE-encodes all %d pairs into this "
+                        "process's memory before step 1 (SD1.5: up to 512 KiB, SDXL 2 MiB per pair). At "
+                        "this size prepare a pair store once (recipes/prepare_data.py) and train with "
+                        "data.kind=store, or set data.cache_latents=false", len(dataset))
         return CachedPairs(dataset, latent_encoder, progress=progress, sampling=sampling, seed=seed)
     if sampling == "sample":
         return SampledPixels(dataset, seed)
