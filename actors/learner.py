@@ -325,9 +325,62 @@ def absolute_local_paths(cfg: RunConfig) -> None:
                                         for name, path in specs.items())
 
 
+# Ray Train V2 reads it in its controller actor, which gets the driver's value (ENV_VARS_TO_PROPAGATE).
+WORKER_GROUP_START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+
+
+class PlacementTimeoutError(RuntimeError):
+    """The cluster could not place a run's Ray Train learners within `ray.placement_timeout_s`."""
+
+
+def is_placement_timeout(exc: BaseException | None) -> bool:
+    """Whether `exc` (or what it wraps: Ray Train's ControllerError, Tune's errors) is Ray Train's
+    worker-group startup timeout, i.e. the learners' placement group was never ready."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if type(exc).__name__ == "WorkerGroupStartupTimeoutError" or (
+                "worker group startup timed out" in str(exc)):
+            return True
+        exc = getattr(exc, "controller_failure", None) or exc.__cause__ or exc.__context__
+    return False
+
+
+def placement_error(cfg: RunConfig, run: str, available: dict | None = None,
+                    total: dict | None = None) -> PlacementTimeoutError:
+    """What the learners asked for against what the cluster has (in total and free right now)."""
+    import ray
+    from diffalign.actors.resources import learner_resources
+
+    r = cfg.ray
+    per = learner_resources(cfg).bundle()
+    total = ray.cluster_resources() if total is None else total
+    available = ray.available_resources() if available is None else available
+    ask = ", ".join(f'"{k}": {v:g}' for k, v in per.items())
+    need = ", ".join(f"{k} {v * r.num_learners:g}" for k, v in per.items())
+    have = ", ".join(f"{k} {available.get(k, 0.0):g} free of {total.get(k, 0.0):g}" for k in per)
+    return PlacementTimeoutError(
+        f"Ray Train learners of run {run!r} could not be placed within ray.placement_timeout_s="
+        f"{r.placement_timeout_s:g} s: they asked for {r.num_learners} learner(s) x {{{ask}}} "
+        f"({need} in all) and the cluster has {have}. Something else holds the rest (another run or "
+        "sweep trial, an actor, or a placement group a dead run leaked: `ray list placement-groups`); "
+        "free it, lower ray.num_learners or ray.cpus_per_learner, or raise ray.placement_timeout_s.")
+
+
 def train_with_ray(cfg: RunConfig, callbacks_factory: Callable[[RunConfig, int], list] | None = None,
                    fault: FaultInjection | None = None, run_callbacks: Sequence = (),
                    save_weights: bool = True) -> dict:
+    """`_train_with_ray`, holding the run folder's lock on the driver (`RunLock`: a second training
+    into `train.output_dir` raises RunLocked); the workers, which Ray may restart, take none."""
+    from diffalign.train.run_state import RunLock
+
+    with RunLock(Path(cfg.train.output_dir).resolve()):
+        return _train_with_ray(cfg, callbacks_factory, fault, run_callbacks, save_weights)
+
+
+def _train_with_ray(cfg: RunConfig, callbacks_factory: Callable[[RunConfig, int], list] | None = None,
+                    fault: FaultInjection | None = None, run_callbacks: Sequence = (),
+                    save_weights: bool = True) -> dict:
     """Fits a Ray Train `TorchTrainer` with `cfg.ray.num_learners` workers; returns
     {"metrics", "step", "checkpoint", "path", "rank_fingerprints", "ranks_in_sync", "mlflow_run_id",
     "weights", ...}.
@@ -367,18 +420,28 @@ def train_with_ray(cfg: RunConfig, callbacks_factory: Callable[[RunConfig, int],
                                                resources_per_worker={"CPU": r.cpus_per_learner}),
         run_config=ray.train.RunConfig(
             name=name, storage_path=str(storage_path(cfg)),
-            failure_config=ray.train.FailureConfig(max_failures=r.max_failures),
+            # A learner group that cannot be placed fails once ray.placement_timeout_s has passed (the
+            # controller would otherwise retry the startup forever: its default limit is -1).
+            failure_config=ray.train.FailureConfig(max_failures=r.max_failures, controller_failure_limit=0),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=max(1, cfg.train.keep_checkpoints)),
             callbacks=list(run_callbacks),
         ),
     )
+    previous_timeout = os.environ.get(WORKER_GROUP_START_TIMEOUT_ENV)
+    os.environ[WORKER_GROUP_START_TIMEOUT_ENV] = str(float(r.placement_timeout_s))
     try:
         result = trainer.fit()
-    except BaseException:
+    except BaseException as exc:
         if cfg.tracking.mlflow:
             tracking.mark_failed(cfg)
+        if is_placement_timeout(exc):
+            raise placement_error(cfg, name) from exc
         raise
     finally:
+        if previous_timeout is None:
+            os.environ.pop(WORKER_GROUP_START_TIMEOUT_ENV, None)
+        else:
+            os.environ[WORKER_GROUP_START_TIMEOUT_ENV] = previous_timeout
         if actor is not None:
             ray.kill(actor)
     final_path = out_dir / FINAL_JSON

@@ -261,10 +261,10 @@ def _run_tasks(cfg: RunConfig, tasks: list[dict], root: str, spec: dict, digest:
 
 def _log_mlflow(cfg: RunConfig, manifest: dict, report: dict) -> None:
     import mlflow
-    from diffalign.tracking import tracking_uri
+    from diffalign.tracking import tracking_uri, use_experiment
 
     mlflow.set_tracking_uri(tracking_uri(cfg))
-    mlflow.set_experiment(cfg.tracking.experiment)
+    use_experiment(mlflow, cfg.tracking.experiment, tracking_uri(cfg))  # artifacts beside its store
     with mlflow.start_run(run_name=cfg.tracking.run_name or "prepare", tags={"diffalign.job": "prepare"}):
         params = {f"prepare.{k}": v for k, v in dataclasses.asdict(cfg.prepare).items()}
         params.update({f"data.{k}": getattr(cfg.data, k, None)

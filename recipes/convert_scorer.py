@@ -25,7 +25,8 @@ _DTYPES = ("float32", "float16", "bfloat16")
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--kind", required=True, choices=("hpsv2", "imagereward"))
     parser.add_argument("--checkpoint", required=True, help="the released .pt file")
     parser.add_argument("--out", required=True, help="folder to write (created)")

@@ -1,4 +1,4 @@
-"""Evaluate trained weights against the base model: seed-matched samples, reward scores, win rates.
+r"""Evaluate trained weights against the base model: seed-matched samples, reward scores, win rates.
 
 Every option is a field of the config's eval section (see configs/tiny/evaluate.yaml), set in the YAML
 or with --set:
@@ -47,9 +47,10 @@ def main() -> None:
     missing = [name for name, value in (("eval.weights", e.weights), ("eval.scorers", e.scorers))
                if not value]
     if missing:
-        print(f"{' and '.join(missing)} must be set, e.g. --set eval.weights=runs/tiny-dpo/unet "
+        print(f"{' and '.join(missing)} must be set, e.g. --set eval.weights=runs/tiny-mapo/unet "
               "--set eval.scorers=clip:/models/clip (or --set eval.probe_only=true with "
-              "data.mismatch_probe to only run the reference-mismatch probe)", file=sys.stderr)
+              "data.mismatch_probe to only run the reference-mismatch probe); tiny random scorers for a "
+              "CPU demo: python -m diffalign.models.tiny.export --out runs/tiny-assets", file=sys.stderr)
         sys.exit(2)
     from diffalign.data.synthetic import PROMPTS
     from diffalign.eval.harness import evaluate_policy

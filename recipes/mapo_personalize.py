@@ -1,4 +1,4 @@
-"""Online MaPO personalization: your subject images are the chosen set, on-policy samples from Ray
+r"""Online MaPO personalization: your subject images are the chosen set, on-policy samples from Ray
 sampler actors (weights synced from the learner every k steps) are the rejected set. Writes LoRA
 weights that plain diffusers loads with `pipe.load_lora_weights(...)` and a grid over held-out prompts.
 
@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from _closing import print_closing_block
 from _common import parse_args
 
 HELDOUT = ["{} on a sandy beach", "{} in a field of wildflowers", "{} in the snow",
@@ -69,8 +70,8 @@ def main() -> None:
         device = "cuda" if cfg.ray.use_gpu and torch.cuda.is_available() else "cpu"
         summary = run(cfg, device=device, data=OnlineData(), callbacks=[grid])
     print(json.dumps({k: v for k, v in summary.items() if not k.startswith("bins/")}, indent=2, default=str))
-    print(f"weights: {summary['weights']} (diffusers: pipe.load_lora_weights(...)); "
-          f"held-out grid: {grid.out_dir / 'heldout_grid.png'}")
+    # Weights, how to load them, the held-out grid, how to look at the run.
+    print_closing_block(cfg, summary, extra=(f"held-out grid: {grid.out_dir / 'heldout_grid.png'}",))
 
 
 if __name__ == "__main__":

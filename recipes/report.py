@@ -11,7 +11,7 @@ from diffalign.report import render_report
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", required=True, help="MLflow run id")
     p.add_argument("--tracking-uri", required=True, help="e.g. sqlite:///runs/tiny-dpo/mlflow.db")
     p.add_argument("--out", default="report.png")

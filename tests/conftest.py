@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
+import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -20,6 +24,49 @@ import torch  # noqa: E402
 torch.set_num_threads(1)
 
 
+def default_ray_address_file() -> Path:
+    """The `ray_current_cluster` file of Ray's default temp dir (as ray._common.utils finds it): a
+    `ray start` without --temp-dir writes it, and once that cluster is gone it points at a dead GCS
+    that later runs on this machine resolve (Ray Train's placement-group cleaner does: sweeps hang)."""
+    root = os.environ.get("RAY_TMPDIR") or (os.environ.get("TMPDIR") if sys.platform.startswith("linux")
+                                            else None) or "/tmp"
+    return Path(root) / "ray" / "ray_current_cluster"
+
+
+def _file_state(path: Path) -> tuple | None:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_mtime_ns, st.st_size, path.read_bytes()
+
+
+def pytest_sessionstart(session) -> None:
+    session.config._ray_address_file = (default_ray_address_file(),)
+    session.config._ray_address_file += (_file_state(session.config._ray_address_file[0]),)
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    """Fails the session if a test created or modified the machine's default Ray session file
+    (nothing is deleted: a file that existed before belongs to someone else)."""
+    path, before = getattr(session.config, "_ray_address_file", (None, None))
+    if path is None:
+        return
+    after = _file_state(path)
+    if after != before:
+        what = "created" if before is None else ("deleted" if after is None else "modified")
+        message = (f"the test session {what} {path}: a test started Ray with the default temp dir "
+                   "(give `ray start` its own --temp-dir, `ray.init` its own _temp_dir). If another "
+                   "process on this machine did it meanwhile, rerun.")
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.write_line(f"ERROR: {message}", red=True)
+        else:
+            print(f"ERROR: {message}", file=sys.stderr)
+        if session.exitstatus == 0:
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
 @pytest.fixture(scope="session")
 def ray_local(tmp_path_factory):
     """A local Ray cluster (small object store) shared by every Ray test of the session.
@@ -31,12 +78,17 @@ def ray_local(tmp_path_factory):
     Ray instances on one machine it cannot find it by itself.
     """
     ray = pytest.importorskip("ray")
+    temp_dir = None
     if not ray.is_initialized():
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             dashboard_port = s.getsockname()[1]
+        # Its own session files, never the machine's default /tmp/ray (short: Ray's socket paths
+        # under it must stay below ~107 characters).
+        temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")
         ray.init(
             address="local",
+            _temp_dir=temp_dir,
             num_cpus=4,
             object_store_memory=200 * 1024 * 1024,
             include_dashboard=True,
@@ -47,7 +99,10 @@ def ray_local(tmp_path_factory):
                                       "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{dashboard_port}"}},
         )
     yield ray
-    # Left running for the rest of the session; pytest exit shuts it down.
+    # The end of the session: stop the cluster this fixture started, then remove its session files.
+    if temp_dir is not None:
+        ray.shutdown()
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 @pytest.fixture

@@ -59,3 +59,31 @@ def test_gpu_scripts_run_their_cpu_path(tmp_path):
     mb = _run("max_batch.py", "--models", "tiny", "--device", "cpu", "--dtype", "fp32", "--max-batch", "4",
               out=tmp_path / "max_batch")
     assert {(r["objective"], r["max_batch"]) for r in mb["rows"]} == {("mapo", 4), ("dpo", 4)}
+
+
+def test_data_scale_writes_a_row_per_source_and_learner_count(tmp_path):
+    """Two tiny sizes, two steps, no prepare: a list of rows with the keys the report reads, for the
+    raw parquet, the store and the in-memory path, and two learners at the largest size."""
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(REPO / "benchmarks" / "data_scale.py"), "--pairs", "200,400", "--steps", "2",
+           "--image-px", "16", "--skip-prepare", "--rounds", "1", "--out-dir", str(out),
+           "--work-dir", str(tmp_path / "work")]
+    env = dict(os.environ, PYTHONPATH=str(REPO / "platform"), OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads((out / "data_scale-cpu.json").read_text())
+    assert isinstance(rows, list) and (out / "data_scale-cpu.md").exists()
+    keys = {"source", "pairs", "bytes_per_pair", "learners", "peak_rss_mib", "first_step_s", "steps_per_s"}
+    for r in rows:
+        assert keys <= set(r), r
+        assert "error" not in r, r["error"]
+    got = {(r["source"], r["pairs"], r["learners"]) for r in rows}
+    assert got == {("raw_parquet", 200, 1), ("store", 200, 1), ("in_memory", 200, 1), ("raw_parquet", 400, 1),
+                   ("store", 400, 1), ("store", 400, 2), ("raw_parquet", 400, 2)}
+    for r in rows:
+        assert min(r["peak_rss_mib"], r["first_step_s"], r["steps_per_s"], r["bytes_per_pair"]) > 0
+        assert len(r["rows_read_per_rank"]) == r["learners"]
+    two = next(r for r in rows if r["source"] == "store" and r["learners"] == 2)
+    assert two["rows_trained_shared_by_ranks"] == 0  # each rank trains on its own rows
+    assert "Ratios against the targets" in (out / "data_scale-cpu.md").read_text()
+    assert not list((tmp_path / "work").glob("*.parquet"))  # the data is removed without --keep

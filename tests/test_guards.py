@@ -5,12 +5,13 @@ giving up after too many rollbacks."""
 from __future__ import annotations
 
 import copy
+import logging
 
 import pytest
 import torch
 from diffalign.train.checkpoint import load_checkpoint
 from diffalign.train.driver import build_trainer
-from diffalign.train.guards import ROLLBACK, SKIP, StabilityGuard
+from diffalign.train.guards import OK, ROLLBACK, SATURATION_STEPS, SKIP, SPIKE_FLOOR_REL, StabilityGuard
 from diffalign.train.loop import Trainer, TrainingDiverged
 
 LR = 1e-3
@@ -197,3 +198,93 @@ def test_disabled_guard_lets_everything_through():
     assert on.check(50.0, True) == ROLLBACK
     assert on.check(float("inf"), True) == SKIP
     assert on.check(1.0, False) == ROLLBACK
+
+
+# ------------------------------------------------------------------ saturation and the spike floor
+
+
+def _fed(guard: StabilityGuard, losses, grad_norm=None) -> list[str]:
+    return [guard.check(x, True, grad_norm) for x in losses]
+
+
+def test_spike_floor_follows_the_scale_of_the_loss():
+    # A window of (near-)constant small losses has std ~0: without a floor any bump is "6 sigma".
+    guard = StabilityGuard(spike_sigmas=6, window=5, min_history=5)
+    assert _fed(guard, [0.69] * 5 + [1e-4] * 5) == [OK] * 10
+    assert guard.scale == pytest.approx(0.69)  # the loss's scale: its first min_history good losses
+    # the floor is SPIKE_FLOOR_REL of that scale: 1e-4 + 6 * 0.069
+    assert guard.spike_threshold() == pytest.approx(1e-4 + 6 * SPIKE_FLOOR_REL * 0.69)
+    assert guard.check(0.05, True) == OK  # 500x the window, a tenth of the loss's scale: not a spike
+    assert guard.check(5.0, True) == ROLLBACK and "spike" in guard.last_reason
+    assert guard.saturation is None  # 1e-4 is small, not saturated
+
+
+def test_a_jump_after_a_saturated_stretch_is_not_a_divergence(caplog):
+    guard = StabilityGuard(spike_sigmas=6, min_history=5)
+    with caplog.at_level(logging.WARNING, logger="diffalign.train.guards"):
+        assert _fed(guard, [0.69, 0.5, 0.3, 0.1, 0.05] + [0.0] * (SATURATION_STEPS - 1)) == [OK] * 14
+        assert guard.saturation is None and not guard.saturated
+        assert guard.check(0.0, True) == OK  # the SATURATION_STEPS-th step at ~0: saturated
+        assert guard.saturated and "Lower objective.beta or optim.lr" in guard.saturation
+        # The loss of a pair the saturated model gets wrong: huge against a window of zeros, trained on.
+        assert guard.check(2369.0, True) == OK and not guard.saturated
+        assert guard.rollbacks == 0
+        assert _fed(guard, [0.0] * (2 * SATURATION_STEPS)) == [OK] * (2 * SATURATION_STEPS)
+        assert guard.check(float("nan"), True) == SKIP  # non-finite is still caught when saturated
+    warnings = [r for r in caplog.records if "the loss has saturated" in r.getMessage()]
+    assert len(warnings) == 1  # once per run, though it saturated twice
+
+
+def test_saturation_needs_a_vanishing_gradient_where_the_loop_reports_it():
+    guard = StabilityGuard(min_history=5)
+    _fed(guard, [1e-8] * 2 * SATURATION_STEPS, grad_norm=1e-3)
+    assert not guard.saturated and guard.saturation is None
+    _fed(guard, [1e-8] * SATURATION_STEPS, grad_norm=0.0)
+    assert guard.saturated and guard.saturation is not None
+    # without a gradient norm (grad_norm=None), the loss alone decides: a -logsigmoid loss below 1e-6
+    # has a gradient ~1e-6 of an unsaturated one
+    alone = StabilityGuard(min_history=5)
+    _fed(alone, [0.0] * SATURATION_STEPS)
+    assert alone.saturated
+
+
+def test_disabled_guard_still_notes_saturation():
+    guard = StabilityGuard(enabled=False)
+    assert _fed(guard, [0.0] * SATURATION_STEPS) == [OK] * SATURATION_STEPS
+    assert guard.saturation is not None
+
+
+def test_guard_state_round_trips_scale_and_saturation():
+    guard = StabilityGuard(min_history=3)
+    _fed(guard, [0.6, 0.7, 0.8] + [0.0] * 4)
+    other = StabilityGuard(min_history=3)
+    other.load_state_dict(guard.state_dict())
+    assert other.scale == pytest.approx(0.7) and other.saturated_steps == 4
+    assert list(other.history) == list(guard.history)
+
+
+def test_a_resume_after_giving_up_gets_a_new_rollback_budget(tiny_cfg):
+    """A run that gave up after guard.max_rollbacks rollbacks left checkpoints holding its rollback
+    count; resuming it used to inherit the count and give up at its first failure, without training."""
+    common = ("train.max_steps=8", "guard.max_bad_steps=1", "guard.max_rollbacks=1",
+              "train.checkpoint_every=2", "train.keep_checkpoints=10")
+    # Step 3 fails once (rolled back to checkpoint-2), step 5 always: the second rollback is one too many.
+    first, _, rec = _make(tiny_cfg, *common, faults=Faults(loss_faults={3: (float("nan"), 1),
+                                                                        5: (float("nan"), 100)}))
+    with pytest.raises(TrainingDiverged, match="1 rollbacks already"):
+        first.fit()
+    first.close()
+    assert [e["kind"] for e in rec.events] == [ROLLBACK] and first.step == 4
+    _, state = load_checkpoint(first.checkpoint_dir / "checkpoint-4")
+    assert state["guard"]["rollbacks"] == 1  # what the resumed run finds
+    # The same command again: resumed from checkpoint-4; step 5 fails once more and is rolled back
+    # (the budget is this attempt's), then the run trains to the end at the lowered learning rate.
+    again, _, rec2 = _make(tiny_cfg, *common, faults=Faults(loss_faults={5: (float("nan"), 1)}))
+    again.fit()
+    again.close()
+    assert again.step == 8 and [e["kind"] for e in rec2.events] == [ROLLBACK]
+    assert rec2.events[0]["restored"].endswith("checkpoint-4")
+    assert again.guard.rollbacks == 1 and again.guard.total_rollbacks == 2
+    assert rec2.metrics[-1]["lr"] == pytest.approx(LR * 0.5 * 0.5)  # both attempts' lowered rates
+    _, state = load_checkpoint(again.checkpoint_dir / "checkpoint-8")
+    assert state["guard"]["earlier_rollbacks"] == 1 and state["guard"]["rollbacks"] == 1

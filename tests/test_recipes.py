@@ -153,3 +153,56 @@ def test_sweep_trials_are_ray_train_runs_with_asha_and_mlflow(tmp_path, ray_loca
     while any(pg["state"] != "REMOVED" for k, pg in placement_group_table().items() if k not in pgs_before):
         assert time.monotonic() < deadline, placement_group_table()
         time.sleep(1)
+
+
+# ------------------------------------------------------------------ --help and config errors at the CLI
+
+RECIPES = sorted(p for p in (ROOT / "recipes").glob("*.py") if not p.name.startswith("_"))
+TRAINING = {"preference_offline", "mapo_personalize"}  # rerunning one resumes from train.output_dir
+OWN_PARSER = {"report", "convert_scorer"}  # argparse of their own: the docstring's first line only
+RESUME_LINES = ("Rerunning the same command resumes from the last checkpoint in train.output_dir.",
+                "--set train.resume=false", "--set train.output_dir=")
+
+
+def _docstring(path: Path) -> str:
+    import ast
+
+    return ast.get_docstring(ast.parse(path.read_text()), clean=False).strip()
+
+
+def test_help_of_every_recipe_prints_its_description_and_how_to_resume():
+    assert {p.stem for p in RECIPES} >= TRAINING | OWN_PARSER | {"sweep", "evaluate", "build_pairs"}
+    # All at once: each is a python start-up and an argparse exit (no torch import, no model).
+    procs = {p.stem: subprocess.Popen([sys.executable, str(p.relative_to(ROOT)), "--help"], cwd=ROOT,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for p in RECIPES}
+    for path in RECIPES:
+        out, err = procs[path.stem].communicate(timeout=120)
+        assert procs[path.stem].returncode == 0, (path.name, err[-2000:])
+        doc = _docstring(path)
+        if path.stem in OWN_PARSER:  # argparse re-wraps it
+            assert " ".join(doc.splitlines()[0].split()) in " ".join(out.split()), path.name
+            continue
+        # The whole module docstring, as written (RawDescriptionHelpFormatter): every line of it.
+        for line in doc.splitlines():
+            assert line.rstrip() in out, (path.name, line)
+        trains = all(s in out for s in RESUME_LINES)
+        assert trains == (path.stem in TRAINING), (path.name, out[-800:])
+        if trains:  # the closing paragraph: after the options
+            assert out.rindex("resuming:") > out.index("options:")
+
+
+def test_yaml_error_is_printed_naming_file_line_and_column_without_a_traceback(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("objective:\n  name: dpo\n  beta: [500\ntrain:\n  max_steps: 3\n")
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    procs = [subprocess.Popen([sys.executable, "recipes/preference_offline.py", "--config", str(path),
+                               "--set", f"train.output_dir={tmp_path}/x"], cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for path in (bad, empty)]
+    (_, bad_err), (_, empty_err) = (p.communicate(timeout=120) for p in procs)
+    assert [p.returncode for p in procs] == [2, 2], (bad_err[-2000:], empty_err[-2000:])
+    assert f"invalid config: {bad}: invalid YAML at line 4, column 6" in bad_err
+    assert f"invalid config: config file {empty} is empty" in empty_err
+    assert "Traceback" not in bad_err + empty_err
+    assert not (tmp_path / "x").exists()

@@ -25,6 +25,34 @@ def tracking_uri(cfg: RunConfig) -> str:
     return f"sqlite:///{out / 'mlflow.db'}"
 
 
+ARTIFACTS_DIR = "mlartifacts"  # beside the run's sqlite store: <output_dir>/mlartifacts by default
+FINAL_SAMPLES = Path("samples") / "final.png"  # the last sample grid, under <output_dir> besides MLflow
+
+
+def artifact_location(uri: str) -> str | None:
+    """Where a new experiment of a sqlite store keeps its artifacts: beside the database file (for the
+    default store, in the run folder). None for other stores: a file store keeps them inside itself, a
+    tracking server decides for itself. Without it MLflow writes them to ./mlruns of the current directory."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    db = Path(uri[len("sqlite:///"):])
+    return (db.parent.resolve() / ARTIFACTS_DIR).as_uri()
+
+
+def use_experiment(mlflow, name: str, uri: str) -> str:
+    """Makes `name` the active experiment of the store at `uri`, creating it with its artifacts under
+    `artifact_location(uri)`; an existing experiment keeps the location it has. Returns its id."""
+    mlflow.set_tracking_uri(uri)
+    experiment = mlflow.get_experiment_by_name(name)
+    if experiment is None:
+        try:
+            mlflow.create_experiment(name, artifact_location=artifact_location(uri))
+        except Exception:  # noqa: BLE001 - another process created it in between: use that one
+            if mlflow.get_experiment_by_name(name) is None:
+                raise
+    return mlflow.set_experiment(name).experiment_id
+
+
 def _mlflow():
     try:
         import mlflow
@@ -40,8 +68,7 @@ class MlflowTracker:
                  run_id: str | None = None) -> None:
         self.cfg = cfg
         self.mlflow = _mlflow()
-        self.mlflow.set_tracking_uri(tracking_uri(cfg))
-        self.mlflow.set_experiment(cfg.tracking.experiment)
+        use_experiment(self.mlflow, cfg.tracking.experiment, tracking_uri(cfg))
         self.run = self.mlflow.start_run(run_id=run_id, run_name=run_name or cfg.tracking.run_name, tags=tags)
         self.run_id = self.run.info.run_id
         if run_id is None:
@@ -71,6 +98,17 @@ class MlflowTracker:
         if self._img_every and trainer.step % self._img_every == 0:
             self.log_images(trainer, f"samples/step_{trainer.step:06d}.png")
             self.log_bins(trainer)
+        self.note_saturation(trainer)
+
+    def note_saturation(self, trainer) -> None:
+        """Once per run: the guard's note that the loss has saturated (diffalign.train.guards), as the
+        run's `saturation` tag and `saturation.txt`, at the step it was first seen."""
+        note = getattr(getattr(trainer, "guard", None), "saturation", None)
+        if note is None or getattr(self, "_saturation_noted", False):
+            return
+        self._saturation_noted = True
+        self.mlflow.set_tag("saturation", f"step {trainer.step}: {note}")
+        self.mlflow.log_text(f"step {trainer.step}: {note}\n", "saturation.txt")
 
     def on_event(self, trainer, event: dict) -> None:
         self.mlflow.log_metric(f"events.{event['kind']}", 1.0, step=trainer.step)
@@ -78,17 +116,21 @@ class MlflowTracker:
 
     def on_end(self, trainer, summary: dict) -> None:
         self.log_data_issues(trainer)
-        self.log_images(trainer, f"samples/step_{trainer.step:06d}.png")
+        self.log_images(trainer, f"samples/step_{trainer.step:06d}.png",
+                        save_to=Path(self.cfg.train.output_dir) / FINAL_SAMPLES)
         self.log_bins(trainer)
         self.mlflow.log_dict({k: float(v) for k, v in summary.items()}, "summary.json")
 
     # --- helpers
-    def log_images(self, trainer, name: str) -> None:
+    def log_images(self, trainer, name: str, save_to: Path | None = None) -> None:
         try:
             grid = trainer.sample_images()
         except Exception as e:  # sampling must never kill training; say why it failed
             log.warning("sample grid failed: %s", e)
             return
+        if save_to is not None:  # also a plain file in the run folder
+            save_to.parent.mkdir(parents=True, exist_ok=True)
+            grid.save(save_to)
         self.mlflow.log_image(grid, name)
 
     def log_bins(self, trainer) -> None:
@@ -151,22 +193,31 @@ def prepare_record(cfg: RunConfig, resuming: bool) -> None:
 
 def mark_failed(cfg: RunConfig) -> None:
     """When a run raised outside the process that logs it: the MLflow run it left open ends FAILED."""
+    end_recorded_run(cfg, "FAILED")
+
+
+def end_recorded_run(cfg: RunConfig, status: str) -> None:
+    """Ends the recorded MLflow run with `status` if the record says it is still RUNNING (its process
+    died, or raised elsewhere): an orphan is never left RUNNING."""
     record = read_record(cfg)
     if record.get("status") != "RUNNING":
         return
     from mlflow.tracking import MlflowClient
 
-    MlflowClient(tracking_uri=tracking_uri(cfg)).set_terminated(record["run_id"], "FAILED")
-    write_record(cfg, {**record, "status": "FAILED"})
+    status = record.pop("end_as", status)  # what its own process could not write (a full disk)
+    MlflowClient(tracking_uri=tracking_uri(cfg)).set_terminated(record["run_id"], status)
+    write_record(cfg, {**record, "status": status})
 
 
 class MlflowRun:
     """Trainer callback owning rank 0's MLflow run: opened at `on_start` (or earlier by `open()`, for
     what is logged before training), continued if `<output_dir>/mlflow_run.json` names a run (a
-    worker that Ray Train restarted), closed FINISHED once the final weights are logged."""
+    worker that Ray Train restarted, a resumed one-process run), closed FINISHED once the final weights
+    are logged. `tags` are set on the run when it opens (a resume: the resume-safe fields it changed)."""
 
-    def __init__(self, cfg: RunConfig) -> None:
+    def __init__(self, cfg: RunConfig, tags: dict | None = None) -> None:
         self.cfg = cfg
+        self.tags = tags
         self.tracker: MlflowTracker | None = None
         self.closed = False
 
@@ -177,7 +228,13 @@ class MlflowRun:
     def open(self) -> MlflowTracker:
         if self.tracker is None:
             run_id = read_record(self.cfg).get("run_id")  # set: a restarted worker continues its run
-            self.tracker = MlflowTracker(self.cfg, run_id=run_id)
+            try:
+                self.tracker = MlflowTracker(self.cfg, run_id=run_id, tags=self.tags)
+            except Exception as e:  # noqa: BLE001 - not in this store (tracking_uri changed, deleted)
+                if run_id is None:
+                    raise
+                log.warning("cannot continue MLflow run %s (%s): logging a new run", run_id, e)
+                self.tracker = MlflowTracker(self.cfg, tags=self.tags)
             write_record(self.cfg, {"run_id": self.tracker.run_id, "status": "RUNNING", "weights": None})
         return self.tracker
 
@@ -200,7 +257,16 @@ class MlflowRun:
     def close(self, status: str, weights: Path | None = None) -> None:
         if self.tracker is None or self.closed:
             return
-        self.tracker.close(status)
         self.closed = True
-        write_record(self.cfg, {"run_id": self.tracker.run_id, "status": status,
-                                "weights": str(weights) if weights else None})
+        record = {"run_id": self.tracker.run_id, "status": status,
+                  "weights": str(weights) if weights else None}
+        try:
+            self.tracker.close(status)
+        except Exception as e:  # noqa: BLE001 - a store that cannot write (full disk): say it, record it
+            log.error("could not end MLflow run %s as %s: %s", self.tracker.run_id, status, e)
+            # Still RUNNING in the store: the next run in the folder ends it (`end_recorded_run`).
+            record.update(status="RUNNING", end_as=status)
+        try:
+            write_record(self.cfg, record)
+        except OSError as e:
+            log.error("could not write %s: %s", record_path(self.cfg), e)

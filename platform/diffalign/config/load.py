@@ -2,6 +2,8 @@
 
 Types are checked as the dataclasses declare them (an int field refuses 2.5); the objective section's
 hyperparameters are checked against the objective constructor's signature. `validate` runs last.
+A config file that is not valid YAML, is empty or is not a mapping of sections fails as a ConfigError
+naming the file (and the line and column of a syntax error), so recipes print it without a traceback.
 """
 
 from __future__ import annotations
@@ -111,8 +113,11 @@ def _coerce(value, hint, path: str):
     return value
 
 
-def _parse_scalar(text: str):
-    return yaml.safe_load(text) if text != "" else ""
+def _parse_scalar(text: str, key: str = ""):
+    try:
+        return yaml.safe_load(text) if text != "" else ""
+    except yaml.YAMLError as e:
+        raise _yaml_error(f"override {key}={text}", e) from None
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
@@ -127,7 +132,50 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {key}: {part} is not a section")
-        node[parts[-1]] = _parse_scalar(raw)
+        node[parts[-1]] = _parse_scalar(raw, key.strip())
+    return data
+
+
+def _yaml_error(source: str, e: yaml.YAMLError, text: str | None = None) -> ConfigError:
+    """`source`: line L, column C: what the YAML parser found (1-based, as editors count), the line
+    itself, and where the construct it was parsing started."""
+    mark = getattr(e, "problem_mark", None)
+    problem = getattr(e, "problem", None) or str(e)
+    if mark is None:
+        return ConfigError(f"{source}: invalid YAML: {problem}")
+    msg = f"{source}: invalid YAML at line {mark.line + 1}, column {mark.column + 1}: {problem}"
+    context, cmark = getattr(e, "context", None), getattr(e, "context_mark", None)
+    if context and cmark is not None:
+        msg += f" ({context} started at line {cmark.line + 1}, column {cmark.column + 1})"
+    lines = (text or "").splitlines()
+    if 0 <= mark.line < len(lines):
+        msg += f"\n    {lines[mark.line]}\n    {' ' * mark.column}^"
+    return ConfigError(msg)
+
+
+def read_config_file(path: str | os.PathLike) -> dict:
+    """The YAML mapping of a config file. A syntax error, an empty file or one that is not a mapping of
+    sections is a ConfigError naming the file (and the line and column of a syntax error)."""
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"config file not found: {p}")
+    if p.is_dir():
+        raise ConfigError(f"config file {p} is a directory; pass a YAML file")
+    try:
+        text = p.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file {p} cannot be read as YAML text: {e}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise _yaml_error(str(p), e, text) from None
+    if data is None:
+        # An empty file would silently train the all-defaults config: never what was meant.
+        raise ConfigError(f"config file {p} is empty; it must hold sections such as model:, objective:, "
+                          "train: (a file holding only {} means all defaults)")
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {p}: expected a mapping of sections (model:, objective:, train:, "
+                          f"...), got a {type(data).__name__}: {str(data)[:80]!r}")
     return data
 
 
@@ -137,10 +185,7 @@ def load_config(
     """Reads a YAML config, applies overrides, validates. Raises ConfigError naming the field."""
     data: dict = {}
     if path is not None:
-        p = Path(path)
-        if not p.exists():
-            raise ConfigError(f"config file not found: {p}")
-        data = yaml.safe_load(p.read_text()) or {}
+        data = read_config_file(path)
     data = apply_overrides(data, overrides or [])
     cfg = _build(RunConfig, data, "")
     validate(cfg, check_paths=validate_paths)

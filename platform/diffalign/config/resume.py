@@ -25,9 +25,9 @@ RESUME_SAFE_FIELDS: tuple[str, ...] = (
     # Where and what is tracked (periodic scores and sample grids are read-only).
     "tracking",
     # Ray resources and bookkeeping (the learner count, backend and sampler math are result-changing).
-    "ray.address", "ray.max_failures", "ray.storage_path", "ray.cpus_per_learner", "ray.reference_cpus",
-    "ray.reference_gpus", "ray.object_store_mb", "ray.sampler.num_cpus", "ray.sampler.num_gpus",
-    "ray.sampler.max_restarts",
+    "ray.address", "ray.max_failures", "ray.storage_path", "ray.placement_timeout_s", "ray.cpus_per_learner",
+    "ray.reference_cpus", "ray.reference_gpus", "ray.object_store_mb", "ray.sampler.num_cpus",
+    "ray.sampler.num_gpus", "ray.sampler.max_restarts",
     # Sections other recipes read (sweeps, pair building, evaluation, data preparation).
     "tune", "build", "eval", "prepare",
 )

@@ -237,6 +237,9 @@ class RayConfig:
     reference_cpus: float = 1.0
     reference_gpus: float = 0.0
     object_store_mb: int = 256
+    # Longest wait for the cluster to place a run's Ray Train learners (their placement group);
+    # then the run fails naming what it asked for and what the cluster has, never waits forever.
+    placement_timeout_s: float = 300.0
     sampler: SamplerPoolConfig = field(default_factory=SamplerPoolConfig)
 
 

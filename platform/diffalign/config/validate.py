@@ -4,8 +4,14 @@ field and the allowed values; invalid configs fail here, before any model is bui
 
 from __future__ import annotations
 
+import dataclasses
 import glob as globlib
+import math
 import os
+import types
+import typing
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from diffalign.config.schema import (
@@ -22,6 +28,189 @@ from diffalign.models.precision import MIXED_PRECISION, REFERENCE_DTYPES
 from diffalign.objectives import OBJECTIVES, build_objective, objective_needs_reference
 from diffalign.reference.names import DIVERGENCES, ON_EXCEED, STRATEGIES
 from diffalign.specs import EVAL_ONLY_SCORERS, SCORER_NAMES, parse_scorers, parse_seeds, resolve_path
+
+# ------------------------------------------------------------------ bounds of the numeric fields
+
+
+@dataclass(frozen=True)
+class Bound:
+    """An interval of allowed values, closed unless `*_open`; None: unbounded on that side. In the error,
+    `what` comes before the rule (what the value is) and `note` after it (what edge values mean)."""
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+    note: str = ""
+    what: str = ""
+
+    def holds(self, v: float) -> bool:
+        if not math.isfinite(v):  # nan compares false both ways; inf is no setting
+            return False
+        if self.lo is not None and (v <= self.lo if self.lo_open else v < self.lo):
+            return False
+        return self.hi is None or (v < self.hi if self.hi_open else v <= self.hi)
+
+    def rule(self) -> str:
+        if self.lo is not None and self.hi is not None:
+            left, right = "(" if self.lo_open else "[", ")" if self.hi_open else "]"
+            rule = f"in {left}{_num(self.lo)}, {_num(self.hi)}{right}"
+        elif self.lo is not None:
+            rule = f"{'>' if self.lo_open else '>='} {_num(self.lo)}"
+        else:
+            rule = f"{'<' if self.hi_open else '<='} {_num(self.hi)}"
+        rule = f"{self.what} {rule}" if self.what else rule
+        return f"{rule} ({self.note})" if self.note else rule
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)
+
+
+def _at_least(lo: float, note: str = "") -> Bound:
+    return Bound(lo=lo, note=note)
+
+
+_POSITIVE = Bound(lo=0, lo_open=True)
+_COUNT = _at_least(1)  # a number of things, a period or a size
+_OFF_OR_PERIOD = _at_least(0, "0: off")
+_RESOURCE = _at_least(0)  # Ray CPUs / GPUs: 0 asks for none
+_SEED = _at_least(0)
+
+# Every int / float field of the schema (`section.field`, nested sections too): its allowed interval,
+# checked first by `validate` so a bad number fails at load naming the field, before it can become a
+# ZeroDivisionError or an IndexError steps into a run. None is allowed where the field is Optional.
+# The objective's hyperparameters are checked by the objective constructors (`_validate_objective`).
+# tests/test_config_bounds.py fails when a numeric field has no entry here.
+NUMERIC_BOUNDS: dict[str, Bound] = {
+    "model.resolution": _at_least(8, "a multiple of 8"),
+    "model.tiny_seed": _SEED,
+    "model.lora_rank": _COUNT,
+    "model.lora_alpha": _POSITIVE,
+    "reference.tau": _COUNT,
+    "reference.delta": _POSITIVE,
+    "reference.delta_eps_mse": _POSITIVE,
+    "reference.divergence_samples": _COUNT,
+    "timesteps.timestep_gamma": Bound(0, 1, lo_open=True),
+    # The SD1.5 / SDXL schedulers (and the tiny models) have 1000 training timesteps.
+    "timesteps.num_bins": Bound(1, 1000, note="bins of the 1000 training timesteps"),
+    "data.num_pairs": _COUNT,
+    "data.heldout_pairs": _at_least(0, "0: no held-out set"),
+    "data.max_samples": _COUNT,
+    "data.read_block_rows": _COUNT,
+    "data.shuffle_blocks": _COUNT,
+    "data.num_workers": _at_least(0, "0: read in the step"),
+    "data.mismatch_probe_n": _COUNT,
+    "optim.lr": _POSITIVE,
+    "optim.text_encoder_lr": _POSITIVE,
+    "optim.weight_decay": _at_least(0),
+    "optim.betas": Bound(0, 1, hi_open=True, note="Adam's moment decays"),
+    "optim.eps": _POSITIVE,
+    "optim.grad_clip": _at_least(0, "0: no clipping"),
+    "optim.warmup_steps": _at_least(0),
+    "optim.batch_size": _COUNT,
+    "optim.grad_accum": _COUNT,
+    "train.max_steps": _COUNT,
+    "train.seed": _SEED,
+    "train.checkpoint_every": _COUNT,
+    "train.keep_checkpoints": _at_least(0, "0: keep all"),
+    "train.eval_every": _OFF_OR_PERIOD,
+    "train.sample_every": _at_least(0, "0: only at the end"),
+    "train.score_every": _OFF_OR_PERIOD,
+    "train.log_every": _COUNT,
+    "train.ema_decay": Bound(0, 1, lo_open=True, hi_open=True),
+    "guard.max_bad_steps": _COUNT,
+    "guard.spike_sigmas": _POSITIVE,
+    "guard.spike_window": _at_least(2),
+    "guard.spike_min_history": _at_least(2, "a standard deviation needs 2 losses"),
+    "guard.lr_factor": Bound(0, 1, lo_open=True),
+    "guard.max_rollbacks": _at_least(0, "0: give up at the first rollback"),
+    "tracking.num_sample_prompts": _COUNT,
+    "tracking.sample_steps": _COUNT,
+    "tracking.score_num_prompts": _COUNT,
+    "tracking.score_steps": _COUNT,
+    "ray.num_learners": _COUNT,
+    "ray.zero_stage": Bound(0, 3),
+    "ray.cpus_per_learner": _POSITIVE,
+    "ray.max_failures": _at_least(-1, "-1: retry without limit, as Ray Train's FailureConfig"),
+    "ray.reference_cpus": _RESOURCE,
+    "ray.reference_gpus": _RESOURCE,
+    "ray.object_store_mb": _at_least(75, "Ray's smallest object store"),
+    "ray.placement_timeout_s": _POSITIVE,
+    "ray.sampler.num": _at_least(0),
+    "ray.sampler.num_cpus": _RESOURCE,
+    "ray.sampler.num_gpus": _RESOURCE,
+    "ray.sampler.sync_every": _COUNT,
+    "ray.sampler.probe_every": _COUNT,
+    "ray.sampler.max_restarts": _at_least(0),
+    "ray.sampler.inference_steps": _COUNT,
+    "ray.sampler.guidance_scale": _at_least(0),
+    "online.max_staleness": _at_least(0),
+    "online.buffer_size": _COUNT,
+    "online.samples_per_request": _COUNT,
+    "tune.num_samples": _COUNT,
+    "tune.grace_period": _COUNT,
+    "tune.reduction_factor": _at_least(2, "ASHA keeps 1/reduction_factor of the trials per rung"),
+    "tune.report_every": _COUNT,
+    "tune.max_concurrent": _COUNT,
+    "build.max_prompts": _COUNT,
+    "build.threshold": Bound(0, 10, what="a judge score"),
+    "build.min_gap": _at_least(0),
+    "build.batch_size": _COUNT,
+    "build.images_per_request": _COUNT,
+    "build.max_context_tokens": _COUNT,
+    "build.seed": _SEED,
+    "eval.max_prompts": _COUNT,
+    "eval.steps": _COUNT,
+    "eval.guidance_scale": _at_least(0),
+    "eval.batch_size": _COUNT,
+    "eval.grid_prompts": _COUNT,
+    "prepare.shard_rows": _COUNT,
+    "prepare.prompt_shard_rows": _COUNT,
+    "prepare.num_actors": _COUNT,
+    "prepare.gpus_per_actor": _RESOURCE,
+    "prepare.cpus_per_actor": _POSITIVE,
+    "prepare.batch_size": _COUNT,
+}
+
+
+def _numeric(hint) -> bool:
+    """int / float, Optional of one, or a tuple of them (optim.betas)."""
+    if hint in (int, float):
+        return True
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, getattr(types, "UnionType", typing.Union)):
+        inner = [a for a in args if a is not type(None)]
+        return len(inner) == 1 and _numeric(inner[0])
+    return origin is tuple and bool(args) and all(a in (int, float) for a in args)
+
+
+def numeric_fields(cls=RunConfig, prefix: str = "") -> Iterator[str]:
+    """The dotted paths of every numeric field of `cls` and its nested sections, in schema order."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            yield from numeric_fields(hint, f"{prefix}{f.name}.")
+        elif _numeric(hint):
+            yield f"{prefix}{f.name}"
+
+
+def _validate_bounds(cfg: RunConfig) -> None:
+    for path in numeric_fields():
+        bound = NUMERIC_BOUNDS.get(path)
+        if bound is None:  # a new field without a bound: tests/test_config_bounds.py says which
+            continue
+        node = cfg
+        for part in path.split("."):
+            node = getattr(node, part)
+        values = node if isinstance(node, tuple) else (node,)
+        for i, v in enumerate(values):
+            if v is None:  # an Optional field left unset (load refuses None where it is not Optional)
+                continue
+            if not bound.holds(v):
+                name = f"{path}[{i}]" if isinstance(node, tuple) else path
+                raise ConfigError(f"{name} must be {bound.rule()}, got {v!r}")
 
 
 def _choice(value, allowed, path: str) -> None:
@@ -136,6 +325,7 @@ def _validate_drift_probe(cfg: RunConfig) -> None:
 
 
 def validate(cfg: RunConfig, check_paths: bool = True) -> None:
+    _validate_bounds(cfg)  # first: the checks below combine fields and assume each is in range
     m, o, r, t, d = cfg.model, cfg.objective, cfg.reference, cfg.timesteps, cfg.data
     _choice(m.family, ("sd15", "sdxl"), "model.family")
     _choice(m.finetune, ("lora", "full"), "model.finetune")
@@ -230,6 +420,9 @@ def validate(cfg: RunConfig, check_paths: bool = True) -> None:
     g = cfg.guard
     if g.max_bad_steps < 1 or not (0 < g.lr_factor <= 1) or g.spike_sigmas <= 0:
         raise ConfigError("guard: max_bad_steps >= 1, 0 < lr_factor <= 1 and spike_sigmas > 0 are required")
+    if g.spike_min_history > g.spike_window:  # the window would never hold enough losses: no spike test
+        raise ConfigError(f"guard.spike_min_history={g.spike_min_history} exceeds guard.spike_window="
+                          f"{g.spike_window}: the loss-spike test would never run")
 
     ray = cfg.ray
     _choice(ray.backend, ("ddp", "deepspeed"), "ray.backend")

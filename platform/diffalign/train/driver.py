@@ -144,13 +144,17 @@ def build_trainer(cfg: RunConfig, runtime: Runtime | None = None, **fields: Any)
 
 def save_final_weights(trainer: Trainer, out_dir: Path) -> Path:
     """LoRA -> diffusers LoRA file (`pipe.load_lora_weights`); full -> a diffusers UNet folder."""
+    from diffalign.train.checkpoint import disk_full_as_error, nbytes
+
     cfg, bundle = trainer.cfg, trainer.setup.bundle
     if trainer.ema is not None:
         trainer.load_trainable_weights(trainer.final_weights())
-    if cfg.model.finetune == "lora":
-        return save_lora(bundle, out_dir / "lora", train_text_encoder=cfg.model.train_text_encoder)
-    bundle.unet.save_pretrained(str(out_dir / "unet"))
-    return out_dir / "unet"
+    target = out_dir / ("lora" if cfg.model.finetune == "lora" else "unet")
+    with disk_full_as_error(target, lambda: nbytes(trainer.trainable_weights())):
+        if cfg.model.finetune == "lora":
+            return save_lora(bundle, target, train_text_encoder=cfg.model.train_text_encoder)
+        bundle.unet.save_pretrained(str(target))
+    return target
 
 
 def fit_and_save(trainer: Trainer, save_weights: bool = True) -> dict[str, Any]:
@@ -182,22 +186,57 @@ def _mlflow_run(trainer: Trainer):
 
 
 def run(cfg: RunConfig, runtime: Runtime | None = None, **fields: Any) -> dict[str, Any]:
-    """A whole run in this process: output folder and config, the reference-mismatch probe (when
-    configured), build, fit, save; the MLflow run ends FINISHED, or FAILED if anything raised."""
-    from diffalign.train.mismatch_check import check_reference_mismatch
+    """A whole run in this process, holding the run folder's lock (`run_state.RunLock`; a second run
+    into the folder raises `RunLocked`): the resume check (`ResumeMismatch` before anything is built
+    when the run there was trained with other result-changing values; a finished run returns at
+    once), output folder and config, the reference-mismatch probe (when configured), build, fit, save.
+
+    One MLflow run per run folder: a resume continues the recorded one (`mlflow_run.json`), an orphan
+    left RUNNING by a killed process included. It ends FINISHED; KILLED on SIGINT / SIGTERM, which
+    end the current step, save a checkpoint and raise `RunInterrupted` (SystemExit 130 / 143); FAILED
+    if anything raised (a full disk: `DiskFull`, naming the path and the size needed)."""
+    from diffalign.train import run_state
 
     rt = dataclasses.replace(runtime or Runtime(), **fields)
     out_dir = Path(cfg.train.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out_dir / "config.yaml")
-    tracker = None
-    if cfg.tracking.mlflow and rt.track:
-        from diffalign.tracking import MlflowRun, prepare_record
+    with run_state.RunLock(out_dir), run_state.SignalStop() as stop:
+        return _run_locked(cfg, rt, out_dir, stop)
 
-        prepare_record(cfg, resuming=False)  # one MLflow run per invocation
-        tracker = MlflowRun(cfg)
-        rt = dataclasses.replace(rt, callbacks=[*rt.callbacks, tracker])
+
+def _run_locked(cfg: RunConfig, rt: Runtime, out_dir: Path, stop) -> dict[str, Any]:
+    from diffalign.train.checkpoint import DiskFull, is_disk_full, latest_checkpoint
+    from diffalign.train.loop import TrainingStopped
+    from diffalign.train.mismatch_check import check_reference_mismatch
+    from diffalign.train.run_state import ResumePlan, archive_run, check_resume, finished_summary
+
+    ckpt_dir = Path(rt.checkpoint_dir or out_dir / "checkpoints")
+    track = cfg.tracking.mlflow and rt.track
+    tracker = None
     try:
+        plan = ResumePlan()
+        if cfg.train.resume:
+            plan = check_resume(cfg, ckpt_dir)  # before anything is built, or config.yaml rewritten
+            done = finished_summary(cfg, plan)
+            if done is not None:
+                log.info("already at step %d of %d: nothing to do; weights at %s", plan.step,
+                         cfg.train.max_steps, done["weights"])
+                return {**done, "nothing_to_do": True}
+            if plan.resuming:
+                log.info("resuming %s at step %d of %d", plan.checkpoint, plan.step, cfg.train.max_steps)
+        if track and not plan.resuming:
+            from diffalign.tracking import end_recorded_run
+
+            end_recorded_run(cfg, "KILLED")  # an orphan: we hold the lock, so its process is gone
+        if not cfg.train.resume and (archived := archive_run(out_dir, ckpt_dir)) is not None:
+            log.info("train.resume=false: the earlier run's files moved to %s", archived)
+        save_config(cfg, out_dir / "config.yaml")
+        if track:
+            from diffalign.tracking import MlflowRun, prepare_record
+
+            prepare_record(cfg, resuming=plan.resuming)  # a resume continues the recorded MLflow run
+            tags = {f"resume.changed.{k}": f"{a} -> {b}" for k, (a, b) in plan.changed.items()}
+            tracker = MlflowRun(cfg, tags=tags or None)
+        rt = dataclasses.replace(rt, callbacks=[stop, *rt.callbacks, *([tracker] if tracker else [])])
         if cfg.data.mismatch_probe and rt.data is None and rt.train_data is None:
             # Built once: probed here, trained on below.
             train, held = build_datasets(cfg)
@@ -205,11 +244,54 @@ def run(cfg: RunConfig, runtime: Runtime | None = None, **fields: Any) -> dict[s
         if cfg.data.mismatch_probe:
             check_reference_mismatch(cfg, rt.train_data, rt.device or default_device(),
                                      tracker.open() if tracker is not None else None)
-        summary = fit_and_save(build_trainer(cfg, rt))
+        trainer = build_trainer(cfg, rt)
+        trainer.save_at_end = True  # a rerun finds a finished run done; a longer one resumes from it
+        summary = fit_and_save(trainer)
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
         log.info("done: %s", {k: round(v, 4) for k, v in summary.items() if isinstance(v, float)})
         return summary
-    except BaseException:
-        if tracker is not None:
-            tracker.close("FAILED")
+    except (TrainingStopped, KeyboardInterrupt) as e:  # SignalAbort is a KeyboardInterrupt
+        _close_mlflow(cfg, track, tracker, "KILLED")
+        raise _interrupted(cfg, e, latest_checkpoint(ckpt_dir), tracker) from None
+    except BaseException as e:
+        _close_mlflow(cfg, track, tracker, "FAILED")
+        if isinstance(e, Exception) and not isinstance(e, DiskFull) and is_disk_full(e, out_dir):
+            raise DiskFull(out_dir) from e  # the tracking store or a summary could not be written
+        if isinstance(e, DiskFull):
+            log.error("%s; the last good checkpoint is %s", e, latest_checkpoint(ckpt_dir))
         raise
+
+
+def _close_mlflow(cfg: RunConfig, track: bool, tracker, status: str) -> None:
+    """Ends this run's MLflow run with `status`; if it never opened, the recorded one it would have
+    continued (left RUNNING by a killed process) ends so too. Best effort: a full disk may refuse."""
+    if tracker is not None and tracker.tracker is not None:
+        tracker.close(status)
+    elif track:
+        from diffalign.tracking import end_recorded_run
+
+        try:
+            end_recorded_run(cfg, status)
+        except Exception as e:  # noqa: BLE001 - the run failed already; say it, keep its error
+            log.error("could not end the recorded MLflow run as %s: %s", status, e)
+
+
+def _interrupted(cfg: RunConfig, e: BaseException, last: Path | None, tracker):
+    """Says how the run stopped and how to resume it; the RunInterrupted (exit 130 / 143) to raise."""
+    import signal
+
+    from diffalign.train.loop import TrainingStopped
+    from diffalign.train.run_state import RunInterrupted, checkpoint_step, resume_command
+
+    signum = getattr(e, "signum", signal.SIGINT)  # a KeyboardInterrupt not from our handler: SIGINT
+    if isinstance(e, TrainingStopped):
+        step, ckpt = e.step, e.checkpoint or last
+        what = f"at step {step} of {cfg.train.max_steps}: checkpoint saved at {ckpt}"
+    else:
+        step, ckpt = checkpoint_step(last) if last is not None else 0, last
+        what = "before the end of a step: " + (f"nothing saved since {last}" if last else "no checkpoint yet")
+    if tracker is not None and tracker.run_id:
+        what += f"; MLflow run {tracker.run_id} marked KILLED"
+    log.warning("interrupted by %s %s.\nTo resume, run the same command again: %s",
+                signal.Signals(signum).name, what, resume_command())
+    return RunInterrupted(signum, step, ckpt)

@@ -16,12 +16,14 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from diffalign.config import RunConfig
+from diffalign.config import RunConfig, save_config
 from diffalign.data.collate import collate_pairs
 from diffalign.models.sampling import generate, image_grid
 from diffalign.models.weights import load_trainable_state_dict, trainable_state_dict
 from diffalign.train.cache import CachedPairs
 from diffalign.train.checkpoint import (
+    CONFIG_FILE,
+    PREFIX,
     latest_checkpoint,
     load_checkpoint,
     rng_state,
@@ -43,6 +45,15 @@ PROGRESS_KEYS = ("loss", "implicit_acc", "margin_mean", "grad_norm")
 
 class TrainingDiverged(RuntimeError):
     """Raised when the guards cannot bring a run back (too many rollbacks)."""
+
+
+class TrainingStopped(Exception):
+    """`fit` stopped early on request (`Trainer.stop_requested`, set by a signal handler): at `step`,
+    with rank 0's checkpoint of that step (None on other ranks)."""
+
+    def __init__(self, step: int, signum: int, checkpoint: Path | None) -> None:
+        super().__init__(f"stopped at step {step} (signal {signum})")
+        self.step, self.signum, self.checkpoint = step, signum, checkpoint
 
 
 class Trainer:
@@ -84,6 +95,11 @@ class Trainer:
         self.last_metrics: dict[str, float] = {}
         self.events: list[dict] = []
         self.release = None  # set by the builder: frees what the data holds (sampler pools)
+        # A signal number: fit stops after the current step, saves a checkpoint, raises TrainingStopped.
+        self.stop_requested: int | None = None
+        # Rank 0 saves a checkpoint of the last step even when none was due (the driver's run: so a
+        # rerun of a finished run finds it done, and a longer run resumes from it).
+        self.save_at_end = False
 
     def close(self) -> None:
         """Stops the reader threads and releases the data's resources (idempotent)."""
@@ -140,9 +156,17 @@ class Trainer:
             self.trainable_weights(),
             self.state(),
             keep=self.cfg.train.keep_checkpoints,
+            write_extra=lambda folder: save_config(self.cfg, folder / CONFIG_FILE),
         )
         self.emit("on_checkpoint", path)
         return path
+
+    def checkpoint_now(self) -> Path | None:
+        """Rank 0: a checkpoint of this step (saved unless the newest one is of it); None elsewhere."""
+        if not self.is_main:
+            return None
+        ckpt = latest_checkpoint(self.checkpoint_dir)
+        return ckpt if ckpt is not None and ckpt.name == f"{PREFIX}{self.step}" else self.save()
 
     def restore(self, path: str | Path, rollback: bool = False) -> None:
         weights, state = load_checkpoint(path)
@@ -191,7 +215,7 @@ class Trainer:
         self.emit("on_after_backward", self.engine.params)
         # The global norm is non-finite iff some gradient is: one reduction instead of a check per tensor.
         grad_norm = self.engine.grad_norm_and_clip()
-        verdict = self.guard.check(loss_sum, math.isfinite(grad_norm))
+        verdict = self.guard.check(loss_sum, math.isfinite(grad_norm), grad_norm)
         if verdict != OK:
             self.engine.zero_grad()
             self._guard_event(verdict)
@@ -279,7 +303,7 @@ class Trainer:
             disable=not (self.is_main and cfg.train.progress),
             dynamic_ncols=True,
         )
-        while self.step < cfg.train.max_steps:
+        while self.step < cfg.train.max_steps and self.stop_requested is None:
             before = self.step
             metrics = self.train_step()
             if not metrics:
@@ -302,12 +326,11 @@ class Trainer:
             if self.is_main and self.step % cfg.train.checkpoint_every == 0:
                 self.save()
         bar.close()
-        if (
-            self.is_main
-            and (ckpt := latest_checkpoint(self.checkpoint_dir)) is not None
-            and ckpt.name != f"checkpoint-{self.step}"
-        ):
-            self.save()
+        if self.stop_requested is not None:
+            self.reader.close()
+            raise TrainingStopped(self.step, self.stop_requested, self.checkpoint_now())
+        if self.is_main and (self.save_at_end or latest_checkpoint(self.checkpoint_dir) is not None):
+            self.checkpoint_now()
         summary = dict(self.last_metrics)
         if self.heldout is not None and not any(k.startswith("heldout/") for k in summary):
             summary.update(self.evaluate())

@@ -1,0 +1,76 @@
+"""The closing block a training recipe prints last: where the weights are, the diffusers code that loads
+them, the final sample grid, and the commands that show the run (MLflow UI, the one-page report)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+RECIPES = Path(__file__).resolve().parent
+TINY_ASSETS = "runs/tiny-assets"  # where `python -m diffalign.models.tiny.export` writes by default
+
+
+def _show(path: str | Path) -> str:
+    """A path as the user can type it here: relative to the current directory when under it."""
+    p = Path(path).resolve()
+    try:
+        return str(p.relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(p)
+
+
+def _base_model(cfg) -> tuple[str, list[str]]:
+    """What `from_pretrained` loads as the base model, and how to make it when it is the tiny one."""
+    m = cfg.model
+    if m.pretrained:
+        return m.pretrained, []
+    seed = f" --seed {m.tiny_seed}" if m.tiny_seed else ""
+    family = f" --family {m.family}" if m.family != "sd15" else ""
+    path = f"{TINY_ASSETS}/{m.family}"
+    return path, [f"    # {path}: the tiny random base model of this run, written by",
+                  f"    #   python -m diffalign.models.tiny.export --out {TINY_ASSETS}{family}{seed}"]
+
+
+def closing_block(cfg, summary: dict, extra: tuple[str, ...] = ()) -> str:
+    out = Path(cfg.train.output_dir)
+    lines = [f"==== done: {_show(out)} ===="]
+    weights = summary.get("weights")
+    pipe_cls = "StableDiffusionXLPipeline" if cfg.model.family == "sdxl" else "StableDiffusionPipeline"
+    base, note = _base_model(cfg)
+    if weights:
+        w = _show(weights)
+        if cfg.model.finetune == "lora":
+            lines += [f"weights (LoRA, diffusers format): {w}", "load them in diffusers:",
+                      f"    from diffusers import {pipe_cls}",
+                      f'    pipe = {pipe_cls}.from_pretrained("{base}")',
+                      f'    pipe.load_lora_weights("{w}")']
+        else:
+            lines += [f"weights (full UNet, diffusers format): {w}", "load them in diffusers:",
+                      f"    from diffusers import {pipe_cls}, UNet2DConditionModel",
+                      f'    unet = UNet2DConditionModel.from_pretrained("{w}")',
+                      f'    pipe = {pipe_cls}.from_pretrained("{base}", unet=unet)']
+        lines += note
+    else:
+        lines.append("weights: none saved by this run")
+    final = out / "samples" / "final.png"
+    if final.exists():
+        lines.append(f"final samples: {_show(final)}")
+    lines += list(extra)
+    run_id = summary.get("mlflow_run_id")
+    if cfg.tracking.mlflow and run_id:
+        from diffalign.tracking import tracking_uri
+
+        uri = tracking_uri(cfg)
+        if uri.startswith("sqlite:///"):
+            uri = "sqlite:///" + _show(uri[len("sqlite:///"):])
+        report, png = _show(RECIPES / "report.py"), _show(out / "report.png")
+        lines += [f"look at the run (MLflow run {run_id}):",
+                  f"    mlflow ui --backend-store-uri {uri}",
+                  f"    python {report} --run {run_id} --tracking-uri {uri} --out {png}"]
+    elif not cfg.tracking.mlflow:
+        lines.append("MLflow tracking was off (tracking.mlflow=false)")
+    return os.linesep.join(lines)
+
+
+def print_closing_block(cfg, summary: dict, extra: tuple[str, ...] = ()) -> None:
+    print(closing_block(cfg, summary, extra), flush=True)
