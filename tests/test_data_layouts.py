@@ -193,9 +193,15 @@ def test_truncated_parquet_names_the_file(tmp_path):
     bad = write(tmp_path / "d" / "b.parquet", good[: len(good) // 2])
     write(tmp_path / "d" / "a.parquet", good)
     with pytest.raises(DataError, match="unreadable parquet file") as exc:
-        PickAPicPairs(tmp_path / "d")
+        PickAPicPairs(tmp_path / "d", on_error="raise")
     assert str(bad) in str(exc.value) and "magic bytes" in str(exc.value).lower()
     assert exc.value.source == str(bad)
+    # With on_error=skip (the default) one bad shard of several is left out, named and counted.
+    skipped = PickAPicPairs(tmp_path / "d")
+    assert skipped._source_rows() == 2 and skipped.issues.count("unreadable_file") == 1
+    assert str(bad) in skipped.issues.report()
+    with pytest.raises(DataError, match="unreadable parquet file"):  # the only file: nothing to train on
+        PickAPicPairs(bad)
 
 
 def test_read_blocks(tmp_path):

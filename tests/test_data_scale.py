@@ -335,3 +335,19 @@ def test_training_reads_a_store_on_s3(s3_server, tiny_cfg, tmp_path):
         trainer = build_trainer(cfg)
         losses[name] = [trainer.train_step()["loss"] for _ in range(3)]
     assert losses["s3"] == losses["local"]
+
+
+def test_an_unreadable_shard_of_many_is_skipped_and_counted_or_raised(tiny_cfg, tmp_path):
+    from diffalign.data.factory import open_pair_dataset
+    from diffalign.data.issues import DataError
+
+    folder = tmp_path / "shards"
+    write_pickapic_parquet(folder / "a.parquet", 8, row_group_size=4)
+    write_pickapic_parquet(folder / "b.parquet", 8, row_group_size=4)
+    (folder / "b.parquet").write_bytes(b"PAR1 truncated")
+    train, _ = open_pair_dataset(tiny_cfg("data.kind=pickapic", f"data.path={folder}", "data.heldout_pairs=2"))
+    assert len(train) == 6  # a.parquet alone
+    assert train.issues.count("unreadable_file") == 1 and "b.parquet" in train.issues.report()
+    with pytest.raises(DataError, match=r"b\.parquet.*unreadable parquet file"):
+        open_pair_dataset(tiny_cfg("data.kind=pickapic", f"data.path={folder}", "data.heldout_pairs=2",
+                                   "data.on_error=raise"))

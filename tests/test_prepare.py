@@ -4,6 +4,7 @@ to the same bytes, refuses other setups, and fails on bad sources before any wor
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import os
@@ -322,8 +323,10 @@ def test_missing_column_fails_first_and_a_fixed_rerun_leaves_finished_shards(pre
         with pytest.raises(DataError, match=r"b\.parquet.*jpg_1"):
             prepare_store(prepared.cfg)
         b.write_bytes(b"not a parquet file")
+        strict = copy.deepcopy(prepared.cfg)
+        strict.data.on_error = "raise"  # with skip, a bad shard of several is left out and counted
         with pytest.raises(DataError, match=r"b\.parquet.*unreadable parquet file"):
-            prepare_store(prepared.cfg)
+            prepare_store(strict)
         assert snapshot(prepared.out) == before
     finally:
         shutil.copy2(backup, b)  # the same file back, mtime too: the source fingerprint matches again

@@ -19,6 +19,7 @@ MISSING_FILE = "missing_file"
 MISSING_VALUE = "missing_value"
 EMPTY_CAPTION = "empty_caption"
 LABEL_OUT_OF_RANGE = "label_out_of_range"
+UNREADABLE_FILE = "unreadable_file"  # data.on_error=skip: a shard whose footer cannot be read
 UNREADABLE_BLOCK = "unreadable_block"  # a row group / page of a shard that cannot be read: its rows
 
 # Kinds that are expected in clean data and therefore logged at DEBUG rather than WARNING.

@@ -39,6 +39,8 @@ class LazyPairs(EpochItems):
         self.seed = stream.seed if seed is None else seed
         self.epoch = 0
         self.issues = DataIssues(stream.max_examples)
+        if self.start == 0:  # what the reader left out at open (a bad shard), counted once
+            self.issues.merge(stream.issues)
         self.source = getattr(stream, "path", None) or getattr(stream, "files", None) or type(stream).__name__
         # Block bounds over [start, stop), from the reader's natural units (row groups).
         sizes = stream.read_blocks() if hasattr(stream, "read_blocks") else [total]

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from diffalign.data import uri
-from diffalign.data.issues import MISSING_COLUMN, DataError, describe
+from diffalign.data.issues import MISSING_COLUMN, UNREADABLE_FILE, DataError, describe
 from diffalign.data.stream import PairStream, RawPair
 
 log = logging.getLogger(__name__)
@@ -248,19 +248,26 @@ class PickAPicPairs(PairStream):
         self.files: list[ParquetPath] = _expand_parquet(source, split)
         # Per file: row counts of its row groups (footer only, no data read).
         self._row_groups: list[list[int]] = []
+        readable = []
         for path in self.files:
             try:
                 with _parquet_file(path) as pf:
                     self._check_columns(pf.schema_arrow.names, str(path))
                     meta = pf.metadata
                     self._row_groups.append([meta.row_group(i).num_rows for i in range(meta.num_row_groups)])
+                readable.append(path)
             except FileNotFoundError:
                 raise
             except (pa.ArrowInvalid, OSError) as e:  # a bad footer: truncated, or not parquet at all
-                raise DataError(
-                    describe(str(path), None, None, f"unreadable parquet file: {type(e).__name__}: {e}"),
-                    source=str(path),
-                ) from e
+                message = describe(str(path), None, None, f"unreadable parquet file: {type(e).__name__}: {e}")
+                if self.on_error == "raise" or len(self.files) == 1:
+                    raise DataError(message, source=str(path)) from e
+                # data.on_error=skip: one bad shard of many is left out, named and counted.
+                self.issues.add(UNREADABLE_FILE, message)
+        if not readable:
+            raise DataError(f"no readable parquet file in {source}: {self.issues.report()}",
+                            source=str(source))
+        self.files = readable
         self._total = sum(sum(groups) for groups in self._row_groups)
 
     def _check_columns(self, names: Sequence[str], source: str) -> None:

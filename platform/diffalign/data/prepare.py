@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from diffalign.data import uri
-from diffalign.data.issues import DataError, DataIssues, describe
+from diffalign.data.issues import UNREADABLE_FILE, DataError, DataIssues, describe
 from diffalign.data.latent_cache import encode_moments
 from diffalign.data.store import (
     PAIR_SHARD,
@@ -137,7 +137,12 @@ def open_source(cfg: Any) -> Any:
     `DataError` naming the file (and the column), raised here, before any work."""
     from diffalign.data.factory import open_pair_stream
 
-    return open_pair_stream(cfg)
+    stream = open_pair_stream(cfg)
+    left_out = stream.issues.count(UNREADABLE_FILE)
+    if left_out:  # training may skip a bad shard (data.on_error=skip); a store is made once, whole
+        raise DataError(f"{left_out} source file(s) cannot be read; fix or remove them, then prepare again:\n"
+                        + stream.issues.report(), kind=UNREADABLE_FILE)
+    return stream
 
 
 def source_captions(stream: Any) -> list[str | None]:
