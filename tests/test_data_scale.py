@@ -345,7 +345,8 @@ def test_an_unreadable_shard_of_many_is_skipped_and_counted_or_raised(tiny_cfg, 
     write_pickapic_parquet(folder / "a.parquet", 8, row_group_size=4)
     write_pickapic_parquet(folder / "b.parquet", 8, row_group_size=4)
     (folder / "b.parquet").write_bytes(b"PAR1 truncated")
-    train, _ = open_pair_dataset(tiny_cfg("data.kind=pickapic", f"data.path={folder}", "data.heldout_pairs=2"))
+    cfg = tiny_cfg("data.kind=pickapic", f"data.path={folder}", "data.heldout_pairs=2")
+    train, _ = open_pair_dataset(cfg)
     assert len(train) == 6  # a.parquet alone
     assert train.issues.count("unreadable_file") == 1 and "b.parquet" in train.issues.report()
     with pytest.raises(DataError, match=r"b\.parquet.*unreadable parquet file"):
