@@ -60,6 +60,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -93,7 +94,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--pairs", default="10000,100000,300000", help="comma list of pair counts")
     p.add_argument("--steps", type=int, default=30, help="timed steps after the first")
-    p.add_argument("--interleaved-steps", type=int, default=60,
+    p.add_argument("--interleaved-steps", type=int, default=100,
                    help="round-robin steps per learner of the one-process steps/s comparison (0: skip)")
     p.add_argument("--rounds", type=int, default=3,
                    help="runs of each learner row (interleaved); times are the best round's")
@@ -150,11 +151,13 @@ def _learner_child(spec: dict) -> dict:
     t1 = time.perf_counter()
     wall_first = time.time()
     step_s = []
+    faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(steps):
         ts = time.perf_counter()
         trainer.train_step()
         step_s.append(time.perf_counter() - ts)
     t2 = time.perf_counter()
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0
     hwm = _vm_hwm_kib()
     positions = {i for k in range(steps + 1) for _, i in trainer.order.positions(k)}
     issues = trainer.data_issues
@@ -165,6 +168,8 @@ def _learner_child(spec: dict) -> dict:
         "first_step_s": round(t1 - t0, 3), "first_step_wall": wall_first,
         "steps_per_s": round(steps / (t2 - t1), 3) if steps else None,
         "median_step_ms": round(1e3 * statistics.median(step_s), 1) if steps else None,
+        # minor page faults per timed step: memory the allocator maps afresh every step (see the README)
+        "page_faults_per_step": round(faults / steps) if steps else None,
         "peak_rss_mib": round(hwm / 1024, 1),
         # Raw: rows read from the file and validated (whole blocks); store: distinct pairs read (the
         # trained ones, and pair 0, which build_trainer reads to see what the items hold).
@@ -238,16 +243,20 @@ def _interleaved_child(spec: dict) -> dict:
             trainers[name].train_step()
     names = list(trainers)
     times: dict[str, list[float]] = {k: [] for k in names}
+    faults = dict.fromkeys(names, 0)
     for rnd in range(spec["steps"]):
         k = rnd % len(names)
         for name in names[k:] + names[:k]:
+            f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             t0 = time.perf_counter()
             trainers[name].train_step()
             times[name].append(time.perf_counter() - t0)
+            faults[name] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
     for t in trainers.values():
         t.close()
     return {name: {"median_step_ms": round(1e3 * statistics.median(v), 2),
-                   "mean_step_ms": round(1e3 * statistics.mean(v), 2), "steps": len(v)}
+                   "mean_step_ms": round(1e3 * statistics.mean(v), 2), "steps": len(v),
+                   "page_faults_per_step": round(faults[name] / len(v))}
             for name, v in times.items()}
 
 
@@ -435,6 +444,7 @@ class Bench:
         rates = [r["steps_per_s"] for r in results]
         medians = [r["median_step_ms"] for r in results]
         return {"peak_rss_mib": max(r["peak_rss_mib"] for r in results),
+                "page_faults_per_step": max(r["page_faults_per_step"] or 0 for r in results),
                 "first_step_s": max(r["first_step_s"] for r in results),
                 "steps_per_s": min(rates) if None not in rates else None,
                 "median_step_ms": max(medians) if None not in medians else None,
@@ -455,7 +465,8 @@ class Bench:
         row.update(peak_rss_mib=pick("peak_rss_mib", max), first_step_s=pick("first_step_s", min),
                    steps_per_s=pick("steps_per_s", max), median_step_ms=pick("median_step_ms", min),
                    process_to_first_step_s=pick("process_to_first_step_s", min),
-                   import_s=pick("import_s", min), build_s=pick("build_s", min))
+                   import_s=pick("import_s", min), build_s=pick("build_s", min),
+                   page_faults_per_step=pick("page_faults_per_step", statistics.median))
         if row["learners"] > 1:
             best = max(rounds, key=lambda r: r["steps_per_s"] or 0)
             per_rank = zip(*[r["peak_rss_mib_per_rank"] for r in rounds])
@@ -546,6 +557,7 @@ class Bench:
             row["interleaved_median_step_ms"] = r["median_step_ms"]
             row["interleaved_steps_per_s"] = round(1e3 / r["median_step_ms"], 3)
             row["interleaved_steps"] = r["steps"]
+            row["interleaved_page_faults_per_step"] = r["page_faults_per_step"]
         self.say("interleaved: " + ", ".join(f"{k} {v['median_step_ms']} ms" for k, v in res.items()))
         self.save()
 
@@ -865,6 +877,7 @@ def _learner_table(learners: list[dict]) -> str:
             ("peak_rss_mib", "peak RSS MiB", 0),
             ("first_step_s", "first step s", 2), ("steps_per_s", "steps/s", 2),
             ("median_step_ms", "median step ms", 1),
+            ("page_faults_per_step", "page faults per step", 0),
             ("interleaved_median_step_ms", "one-process median step ms", 1),
             ("process_to_first_step_s", "launch to first step s", 1),
             ("rows_read", "rows read per rank"), ("notes", "notes")]
@@ -939,7 +952,8 @@ def render_markdown(bench: Bench) -> str:
         "the peak the highest. `one-process median step ms`: the in-memory path and the store and raw "
         "parquet at its size and at the largest, built in one process and stepped round-robin (the order "
         f"rotating every round, {args.interleaved_steps} steps each), so that load from other work hits "
-        "them alike: the steps/s ratios against the in-memory path come from it first. Peak "
+        "them alike: the steps/s ratios against the in-memory path come from it first. `page faults per "
+        "step`: minor page faults over the timed steps / steps (median of the rounds). Peak "
         "RSS: the process's `VmHWM` (libraries, model, optimizer, data). Rows read: raw, rows read from the "
         "file and validated (`data_issues.rows_seen`: whole blocks); store, distinct pairs read.", "",
         _learner_table(learners), "",
@@ -950,6 +964,17 @@ def render_markdown(bench: Bench) -> str:
         val = "—" if q["value"] is None else f"{q['value']:.2f}"
         tgt = "(for reference)" if q["target"] is None else _verdict(q["value"], q["target"], q["at_most"])
         parts.append(f"| {q['what']} | {val} | {tgt} |")
+    singles = [r for r in learners if r["learners"] == 1 and len(r.get("rounds", [])) > 1]
+    if singles:
+        spread = max(max(x["steps_per_s"] for x in r["rounds"]) / min(x["steps_per_s"] for x in r["rounds"])
+                     for r in singles)
+        faults = ", ".join(f"{r['source']} {r['pairs']:,}: {r.get('page_faults_per_step')}" for r in singles)
+        parts += ["", " ".join([
+            f"The separate-process step times varied up to {spread:.1f}x between the rounds of one row",
+            "(other work on this shared machine; every round is in the JSON), which is why the one-process",
+            "round-robin ratios come first. Minor page faults per timed step (median of the rounds):",
+            f"{faults}: every path maps fresh memory for its step's tensors (glibc hands large freed blocks",
+            "back to the OS), at the same order for all sources."])]
     two = [r for r in learners if r["learners"] > 1 and r.get("peak_rss_mib") is not None]
     if two:
         parts += ["", "Two learners (rank 0 / 1 of world size 2, concurrent):", ""]

@@ -66,8 +66,8 @@ def test_data_scale_writes_a_row_per_source_and_learner_count(tmp_path):
     raw parquet, the store and the in-memory path, and two learners at the largest size."""
     out = tmp_path / "out"
     cmd = [sys.executable, str(REPO / "benchmarks" / "data_scale.py"), "--pairs", "200,400", "--steps", "2",
-           "--image-px", "16", "--skip-prepare", "--rounds", "1", "--out-dir", str(out),
-           "--work-dir", str(tmp_path / "work")]
+           "--image-px", "16", "--skip-prepare", "--rounds", "1", "--interleaved-steps", "2",
+           "--out-dir", str(out), "--work-dir", str(tmp_path / "work")]
     env = dict(os.environ, PYTHONPATH=str(REPO / "platform"), OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -83,6 +83,8 @@ def test_data_scale_writes_a_row_per_source_and_learner_count(tmp_path):
     for r in rows:
         assert min(r["peak_rss_mib"], r["first_step_s"], r["steps_per_s"], r["bytes_per_pair"]) > 0
         assert len(r["rows_read_per_rank"]) == r["learners"]
+    mem = next(r for r in rows if r["source"] == "in_memory")
+    assert mem["interleaved_median_step_ms"] > 0  # the one-process round-robin comparison ran
     two = next(r for r in rows if r["source"] == "store" and r["learners"] == 2)
     assert two["rows_trained_shared_by_ranks"] == 0  # each rank trains on its own rows
     assert "Ratios against the targets" in (out / "data_scale-cpu.md").read_text()

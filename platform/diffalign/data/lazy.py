@@ -60,6 +60,8 @@ class LazyPairs(EpochItems):
     def __len__(self) -> int:
         return self.stop - self.start
 
+    holds_pixels = True  # items are decoded pixel pairs (the driver asks without reading a block)
+
     @property
     def read_blocks(self) -> list[int]:
         """Sizes of the read blocks of this view, in row order (the BlockOrder's units)."""

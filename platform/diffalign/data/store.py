@@ -194,9 +194,10 @@ class _Shard:
 
 
 class _Shards:
-    """Open shards, at most `limit` at once (a store has hundreds; file handles are finite)."""
+    """Open shards, at most `limit` at once (a store has hundreds; file handles are finite). Random
+    reads over more shards than that reopen one, re-reading its header: a ranged GET more on S3."""
 
-    def __init__(self, root: str, files: Sequence[str], limit: int = 32) -> None:
+    def __init__(self, root: str, files: Sequence[str], limit: int = 256) -> None:
         self.root, self.files, self.limit = root, list(files), limit
         self.open: OrderedDict[int, _Shard] = OrderedDict()
         self.lock = threading.Lock()  # reader threads (data.num_workers) share the handles
@@ -263,6 +264,11 @@ class PairStore(torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         return self.stop - self.start
+
+    @property
+    def holds_pixels(self) -> bool:
+        """Items are pixel pairs (a store without latents), asked without reading one."""
+        return not self.has_latents
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch

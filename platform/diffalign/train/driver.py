@@ -85,11 +85,18 @@ def _training_data(cfg: RunConfig, setup: Setup, rt: Runtime, is_main: bool) -> 
         data = TrainingData(train, held, rt.batch_source)
     if data.issues is None:  # before caching wraps the reader
         data.issues = getattr(data.train, "issues", None)
-    if not cfg.online.enabled and "chosen" in data.train[0]:  # cached or per-read sampled latents
+    if not cfg.online.enabled and _holds_pixels(data.train):  # cached or per-read sampled latents
         data.train = pair_latents(data.train, setup.latent_encoder, cache=cfg.data.cache_latents,
                                   sampling=cfg.data.latent_sampling, seed=cfg.train.seed,
                                   progress=is_main and cfg.train.progress)
     return data
+
+
+def _holds_pixels(dataset: Any) -> bool:
+    """Whether the items are pixel pairs (to encode or cache), asked without reading an item where the
+    dataset can say: item 0 of a lazily read file is a block other ranks need not read."""
+    said = getattr(dataset, "holds_pixels", None)
+    return bool(said) if said is not None else "chosen" in dataset[0]
 
 
 def _engine(cfg: RunConfig, setup: Setup, rt: Runtime) -> Engine:
