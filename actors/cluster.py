@@ -26,7 +26,22 @@ def ensure_ray(cfg: RunConfig) -> None:
         if address == "local":
             # CPUs are scheduling slots here: a laptop with fewer cores still runs the tiny configs.
             need = math.ceil(total_resources(cfg).get("CPU", 0.0))
+            port = _free_port()
             local = {"object_store_memory": cfg.ray.object_store_mb << 20,
-                     "num_cpus": max(os.cpu_count() or 1, need)}
+                     "num_cpus": max(os.cpu_count() or 1, need),
+                     "include_dashboard": True, "dashboard_port": port}
+            # Ray Train's placement-group cleaner asks the state API whether a run's controller died.
+            # Told nothing, it resolves the cluster from Ray's default session file, which another
+            # (dead) cluster on this machine may have left: it then fails, a finished trial's
+            # placement group leaks and the next trials wait for its CPUs. Tell it this cluster's.
+            env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
         ray.init(address=address, runtime_env={"env_vars": env}, **local)
     check_fits(cfg, ray.cluster_resources())
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
