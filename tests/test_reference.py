@@ -758,7 +758,7 @@ def test_drift_config_defaults_and_shipped_configs():
     eight = ["reference.strategy=periodic_threshold", "reference.tau=2", "optim.batch_size=4",
              "reference.divergence_samples=8"]
     assert load_config(None, eight).reference.divergence_samples == 8
-    for family, delta in (("sd15", 0.005), ("sdxl", 0.002), ("tiny", 1.0)):
+    for family, delta in (("sd15", 0.005), ("sdxl", 0.002), ("tiny", 0.01)):
         c = load_config(f"configs/{family}/dpo_refupdate.yaml", validate_paths=False).reference
         assert (c.strategy, c.divergence, c.delta) == ("periodic_threshold", "signed", delta)
         assert c.delta_eps_mse is None
