@@ -29,7 +29,6 @@ on their own as well.
 from __future__ import annotations
 
 import argparse
-import io
 import tempfile
 import time
 from pathlib import Path
@@ -77,17 +76,11 @@ def write_pickapic_parquet(path: Path, pairs: int, px: int, seed: int = 0) -> in
     import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
-    from PIL import Image
 
     rng = np.random.default_rng(seed)
 
     def jpeg() -> bytes:
-        coarse = rng.integers(0, 256, (max(2, px // 16), max(2, px // 16), 3), dtype=np.uint8)
-        smooth = np.asarray(Image.fromarray(coarse).resize((px, px), Image.Resampling.BICUBIC), np.int16)
-        pixels = np.clip(smooth + rng.integers(-8, 9, smooth.shape), 0, 255).astype(np.uint8)
-        buf = io.BytesIO()
-        Image.fromarray(pixels).save(buf, format="JPEG", quality=90)
-        return buf.getvalue()
+        return fixtures.photo_like_jpeg(px, rng)
 
     rows = {"caption": [f"a photo of texture {i % 16}" for i in range(pairs)],
             "jpg_0": [jpeg() for _ in range(pairs)], "jpg_1": [jpeg() for _ in range(pairs)],

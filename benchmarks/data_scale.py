@@ -315,20 +315,12 @@ def tiny_bundle():
 
 
 def photo_like_jpeg(px: int, seed: int = 0) -> bytes:
-    """A JPEG that compresses like a photograph (smooth random texture + mild noise, quality 90; the
-    recipe of data_pipeline.py): about 70 KiB at 512 px, unlike the demo files' noise images."""
-    import io
-
+    """`fixtures.photo_like_jpeg` (the recipe of data_pipeline.py) from `seed`: about 70 KiB at 512 px,
+    unlike the demo files' noise images."""
+    import fixtures
     import numpy as np
-    from PIL import Image
 
-    rng = np.random.default_rng(seed)
-    coarse = rng.integers(0, 256, (max(2, px // 16), max(2, px // 16), 3), dtype=np.uint8)
-    smooth = np.asarray(Image.fromarray(coarse).resize((px, px), Image.Resampling.BICUBIC), np.int16)
-    pixels = np.clip(smooth + rng.integers(-8, 9, smooth.shape), 0, 255).astype(np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format="JPEG", quality=90)
-    return buf.getvalue()
+    return fixtures.photo_like_jpeg(px, np.random.default_rng(seed))
 
 
 def decode_costs(image_px: int, reps: int = 20) -> dict:
