@@ -30,7 +30,7 @@ import json
 import struct
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -319,13 +319,6 @@ class PairStore(torch.utils.data.Dataset):
             out["prompt_embeds"] = pshard.rows("embeds", pj, pj + 1)[0].float()
             if pshard.has("pooled"):
                 out["pooled_embeds"] = pshard.rows("pooled", pj, pj + 1)[0].float()
-        return out
-
-    def prompts_of(self, rows: Iterable[int]) -> list[str]:
-        out = []
-        for i in rows:
-            k, j = self._locate(self._ends, self.start + i)
-            out.append(self._pairs[k].ragged("prompt", j).decode())
         return out
 
     def close(self) -> None:
