@@ -1,19 +1,26 @@
 """Ray cluster start-up for every entry point (learners, online training, sweeps, dataset building):
-join the cluster named by `ray.address` / RAY_ADDRESS, or start a local one, then check the run fits."""
+join the cluster named by `ray.address` / RAY_ADDRESS, or start a local one, then check that every
+actor of the run fits one of the alive nodes (`diffalign.actors.placement.plan`)."""
 
 from __future__ import annotations
 
 import math
 import os
+from typing import TYPE_CHECKING
 
 from diffalign.config import RunConfig
 
+if TYPE_CHECKING:
+    from diffalign.actors.placement import Plan
 
-def ensure_ray(cfg: RunConfig) -> None:
-    """Starts or joins Ray, then checks that the run's actors fit the cluster (a run that does not
-    fit would otherwise wait forever for its sampler or reference actor)."""
+
+def ensure_ray(cfg: RunConfig) -> Plan:
+    """Starts or joins Ray, then checks node by node that the run's actors fit (raises
+    `placement.DoesNotFit`, a ConfigError, at once: a run whose learner fits no single node would
+    otherwise wait for ray.placement_timeout_s). Returns the plan the check found."""
     import ray
-    from diffalign.actors.resources import check_fits, total_resources
+    from diffalign.actors.placement import check_nodes
+    from diffalign.actors.resources import total_resources
 
     if not ray.is_initialized():
         env = {"TOKENIZERS_PARALLELISM": "false"}
@@ -36,7 +43,7 @@ def ensure_ray(cfg: RunConfig) -> None:
             # placement group leaks and the next trials wait for its CPUs. Tell it this cluster's.
             env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
         ray.init(address=address, runtime_env={"env_vars": env}, **local)
-    check_fits(cfg, ray.cluster_resources())
+    return check_nodes(cfg)
 
 
 def _free_port() -> int:

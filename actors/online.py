@@ -5,13 +5,16 @@ a reference (colocated or on a `ReferenceActor`).
 
 Both runtimes build their trainer with the one driver (`diffalign.train.driver`) and `OnlineData`:
 - one learner process + the sampler pool (`recipes/mapo_personalize.py`, `diffalign.train.driver.run`);
-- the Ray Train learner (`diffalign.actors.learner`, ray.enabled=true): N workers; rank 0 owns the
-  pool and syncs it, draws the rejected samples of every rank in one request and scatters them
-  (so all ranks train on fresh samples of the same policy version).
+- the Ray Train learner (`diffalign.actors.learner`, ray.enabled=true): N workers; the driver owns
+  the sampler actors and their `WeightBoard` and hands the handles to every worker. Rank 0 alone
+  publishes weights; every rank requests its own rejected samples straight from the actors (no
+  funnel through rank 0, no scatter) and keeps its own replay buffer.
 
-Versions are learner steps: the weights after optimizer step k are policy version k, synced to the
-samplers every ray.sampler.sync_every steps. A rejected sample made by version v and used at step s
-has staleness s - v; samples older than online.max_staleness are never trained on.
+Versions are learner steps: the weights after optimizer step k are policy version k, published every
+ray.sampler.sync_every steps. A request at learner version v asks for version >= the latest
+published one by the schedule (v rounded down to a multiple of sync_every): an actor holding less
+pulls it from the board first. A rejected sample made by version u and used at step s has
+staleness s - u; samples older than online.max_staleness are never trained on (evicted, counted).
 
 - mode "sync": each micro-batch asks the pool for fresh samples and waits for them;
 - mode "async": requests are kept in flight ahead of the learner (just enough that they are still
@@ -48,14 +51,17 @@ class Sample:
     seed: int
     latents: torch.Tensor      # (C, h, w) scaled latents
     version: int               # policy version that generated it
+    epoch: int = 0             # the weight board epoch of that version (see sampler.WeightBoard)
+    requester: int | None = None  # the learner rank whose request made it
 
 
 class ReplayBuffer:
     """Rejected samples waiting to be trained on, each used once, oldest first.
 
-    A sample is fresh at learner version `current` when 0 <= current - version <= max_staleness;
-    anything else is evicted and counted in `stale_dropped` (a negative age means the sample came
-    from weights a guard rollback threw away). Beyond `capacity` the oldest samples are dropped
+    A sample is fresh at learner version `current` when 0 <= current - version <= max_staleness and
+    its board epoch is >= `min_epoch`; anything else is evicted and counted in `stale_dropped` (a
+    negative age or an older epoch means the sample came from weights a guard rollback or a
+    restarted learner threw away). Beyond `capacity` the oldest samples are dropped
     (`overflow_dropped`).
     """
 
@@ -66,6 +72,7 @@ class ReplayBuffer:
             raise ValueError(f"max_staleness must be >= 0, got {max_staleness}")
         self.capacity, self.max_staleness = capacity, max_staleness
         self._items: deque[Sample] = deque()
+        self.min_epoch = 0
         self.stale_dropped = 0
         self.overflow_dropped = 0
         self.added = 0
@@ -75,7 +82,7 @@ class ReplayBuffer:
         return len(self._items)
 
     def is_fresh(self, sample: Sample, current_version: int) -> bool:
-        return 0 <= current_version - sample.version <= self.max_staleness
+        return sample.epoch >= self.min_epoch and 0 <= current_version - sample.version <= self.max_staleness
 
     def add(self, samples: Iterable[Sample]) -> None:
         for s in samples:
@@ -106,27 +113,37 @@ class ReplayBuffer:
 
 
 def _samples(result: dict) -> list[Sample]:
-    return [Sample(p, s, lat, v) for p, s, lat, v in
+    epoch, requester = int(result.get("epoch", 0)), result.get("requester")
+    return [Sample(p, s, lat, v, epoch, requester) for p, s, lat, v in
             zip(result["prompts"], result["seeds"], result["latents"], result["versions"])]
+
+
+def schedule_version(version: int, sync_every: int) -> int:
+    """The latest policy version published by learner `version` (one publication every `sync_every`
+    steps): what a request at that version asks the samplers for at least."""
+    return version - version % sync_every
 
 
 class OnPolicyPairs:
     """The Trainer's `batch_source`: target images as chosen, on-policy samples as rejected.
 
-    Returns {"prompts", "chosen_latents", "rejected_latents", "original_sizes", "crop_top_lefts"};
-    chosen latents come from the learner's VAE encoder, rejected ones straight from the samplers
-    (the pipeline's latent output is in the same scaled space).
+    Returns {"prompts", "chosen_latents", "rejected_latents", "original_sizes", "crop_top_lefts",
+    "rejected_seeds", "rejected_versions", "rejected_requesters", "rejected_epochs"}; chosen latents
+    come from the learner's VAE encoder, rejected ones straight from the samplers (the pipeline's
+    latent output is in the same scaled space). Every rank runs one with its own pool view and asks
+    for its own samples; seeds are interleaved over ranks (rank r draws base + k * world_size + r), so ranks
+    never sample the same seed.
     """
 
     # Defaults are the config's (OnlineConfig, SamplerPoolConfig): written once, there.
-    def __init__(self, pool: SamplerPool | None, latent_encoder, prompt: str, batch_size: int,
+    def __init__(self, pool: SamplerPool, latent_encoder, prompt: str, batch_size: int,
                  mode: str = OnlineConfig.mode, max_staleness: int = OnlineConfig.max_staleness,
                  sync_every: int = SamplerPoolConfig.sync_every, grad_accum: int = 1,
                  buffer_size: int = OnlineConfig.buffer_size,
                  samples_per_request: int = OnlineConfig.samples_per_request, seed: int = 0, rank: int = 0,
                  world_size: int = 1) -> None:
-        if (pool is None) != (rank != 0):
-            raise ValueError("the sampler pool belongs to rank 0 (and only to rank 0)")
+        if pool is None:
+            raise ValueError("every rank needs a sampler pool (its view of the sampler actors)")
         if mode not in MODES:
             raise ValueError(f"online.mode must be one of {MODES}, got {mode!r}")
         if max_staleness < sync_every - 1:
@@ -135,28 +152,38 @@ class OnPolicyPairs:
                              f"= {sync_every - 1}")
         self.pool, self.encode, self.prompt = pool, latent_encoder, prompt
         self.batch_size, self.mode, self.grad_accum = batch_size, mode, grad_accum
+        self.sync_every = sync_every
         self.rank, self.world_size = rank, world_size
         self.samples_per_request = max(1, samples_per_request)
-        self.buffer = ReplayBuffer(max(buffer_size, batch_size * world_size), max_staleness)
-        # Samples kept ready or in flight in async mode. Requests run in submission order behind the
-        # syncs, so a batch requested at step s (policy version >= s - sync_every + 1) and used j steps
-        # later is at most j + sync_every - 1 versions old: j <= max_staleness - sync_every + 1.
+        self.buffer = ReplayBuffer(max(buffer_size, batch_size), max_staleness)
+        # Samples kept ready or in flight in async mode (this rank's own). A batch requested at step s
+        # is of version >= schedule_version(s) >= s - sync_every + 1, so used j steps later it is at
+        # most j + sync_every - 1 versions old: j <= max_staleness - sync_every + 1.
         ahead_steps = max(0, max_staleness - sync_every + 1)
-        per_step = batch_size * grad_accum * world_size
+        per_step = batch_size * grad_accum
         self.lookahead = min(self.buffer.capacity, per_step * ahead_steps)
         self.in_flight: list[SampleRequest] = []
         self._next_seed = seed * 1_000_000
+        self._seed_count = 0
+        self.requested = 0           # samples this rank asked the actors for
         self._window: dict[str, list[float]] = {"ages": [], "wait": []}
 
     # ------------------------------------------------------------------ sampling
 
+    def set_epoch(self, epoch: int) -> None:
+        """The board epoch rank 0 published the current lineage in: older samples are stale."""
+        self.pool.set_epoch(epoch)
+        self.buffer.min_epoch = int(epoch)
+        self.buffer.evict_stale(self._version)
+
     def _seeds(self, n: int) -> list[int]:
-        out = list(range(self._next_seed, self._next_seed + n))
-        self._next_seed += n
-        return out
+        k = self._seed_count
+        self._seed_count += n
+        return [self._next_seed + (k + j) * self.world_size + self.rank for j in range(n)]
 
     def _submit(self, n: int) -> None:
-        self.in_flight.append(self.pool.submit([self.prompt] * n, self._seeds(n)))
+        self.requested += n
+        self.in_flight.append(self.pool.submit([self.prompt] * n, self._seeds(n), self._min_version))
 
     def _in_flight_samples(self) -> int:
         return sum(len(r.seeds) for r in self.in_flight)
@@ -172,12 +199,22 @@ class OnPolicyPairs:
         while len(self.buffer) + self._in_flight_samples() < self.lookahead:
             self._submit(self.samples_per_request)
 
+    _version = 0
+
+    @property
+    def _min_version(self) -> int:
+        return schedule_version(self._version, self.sync_every)
+
     def rejected(self, n: int, version: int) -> list[Sample]:
-        """`n` fresh on-policy samples for learner `version`; blocks until they exist."""
+        """This rank's `n` fresh on-policy samples for learner `version`, requested by this rank;
+        blocks until they exist (each wait bounded: `SamplerPool.wait`)."""
         t0 = time.perf_counter()
+        self._version = int(version)
         got: list[Sample] = []
         if self.mode == "sync":
-            self.buffer.add(_samples(self.pool.request([self.prompt] * n, self._seeds(n))))
+            self.requested += n
+            self.buffer.add(_samples(self.pool.request([self.prompt] * n, self._seeds(n),
+                                                       min_version=self._min_version)))
         else:
             self._collect(block=False)
         got += self.buffer.take(n, version)
@@ -192,30 +229,17 @@ class OnPolicyPairs:
         self._window["ages"] += [version - s.version for s in got]
         return got
 
-    def rejected_for_rank(self, n: int, version: int) -> list[Sample]:
-        """This rank's `n` samples: rank 0 requests n * world_size and scatters them (a collective:
-        every rank calls it at the same micro-step, as the training loop does)."""
-        if self.world_size == 1:
-            return self.rejected(n, version)
-        import torch.distributed as dist
-
-        chunks = None
-        if self.rank == 0:
-            got = self.rejected(n * self.world_size, version)
-            chunks = [got[r * n:(r + 1) * n] for r in range(self.world_size)]
-        mine: list = [None]
-        dist.scatter_object_list(mine, chunks, src=0)
-        return mine[0]
-
     def __call__(self, items: Sequence[dict], micro_step: int) -> dict:
         version = micro_step // self.grad_accum
         batch = collate_pairs(items)
         images = batch.pop("images")
-        rejected = self.rejected_for_rank(len(items), version)
+        rejected = self.rejected(len(items), version)
         batch["chosen_latents"] = self.encode(images)
         batch["rejected_latents"] = torch.stack([s.latents for s in rejected]).to(batch["chosen_latents"])
         batch["rejected_seeds"] = [s.seed for s in rejected]
         batch["rejected_versions"] = [s.version for s in rejected]
+        batch["rejected_requesters"] = [s.requester for s in rejected]
+        batch["rejected_epochs"] = [s.epoch for s in rejected]
         return batch
 
     # ------------------------------------------------------------------ metrics
@@ -223,7 +247,8 @@ class OnPolicyPairs:
     def pop_metrics(self) -> dict[str, float]:
         w, self._window = self._window, {"ages": [], "wait": []}
         out = {"buffer_size": float(len(self.buffer)), "stale_dropped": float(self.buffer.stale_dropped),
-               "in_flight": float(self._in_flight_samples()), "wait_s": sum(w["wait"])}
+               "in_flight": float(self._in_flight_samples()), "wait_s": sum(w["wait"]),
+               "requested": float(self.requested)}
         if w["ages"]:
             out["staleness_mean"] = sum(w["ages"]) / len(w["ages"])
             out["staleness_max"] = float(max(w["ages"]))
@@ -233,35 +258,83 @@ class OnPolicyPairs:
         self.in_flight = []  # the pool's shutdown ends the calls still running
 
 
+def _broadcast_from_rank0(value: int, world_size: int) -> int:
+    """Rank 0's `value` on every rank (a collective: all ranks call it at the same point)."""
+    import torch.distributed as dist
+
+    if world_size <= 1 or not (dist.is_available() and dist.is_initialized()):
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return int(box[0])
+
+
 class OnlineSyncCallback(Callback):
-    """Trainer callback: syncs the learner's policy to the pool every `sync_every` steps (version =
-    trainer.step; the first sync, in on_start, before any step) and adds the online/* metrics."""
+    """Trainer callback on every rank: rank 0 (`publisher`) publishes the learner's policy every
+    `sync_every` steps (version = trainer.step; the first, in on_start, before any step); every rank
+    adds the online/* metrics of its own requests.
+
+    online/sync_s is the time this rank spent blocked in syncs (making and publishing the packet, the
+    probe check, the epoch broadcast) since the previous step's metrics, online/sync_share that time
+    over the wall time of the same window (a fraction in [0, 1]).
+    """
 
     def __init__(self, pool: SamplerPool, source: OnPolicyPairs | None = None,
-                 sync_every: int = SamplerPoolConfig.sync_every) -> None:
+                 sync_every: int = SamplerPoolConfig.sync_every, publisher: bool = True,
+                 world_size: int = 1) -> None:
         if sync_every < 1:
             raise ValueError(f"sync_every must be >= 1, got {sync_every}")
         self.pool, self.source, self.sync_every = pool, source, sync_every
+        self.publisher, self.world_size = publisher, world_size
         self._last: dict[str, float] = {}
+        self._sync_metrics: dict[str, float] = {}
+        self._blocked = 0.0
+        self._window_start = time.perf_counter()
 
-    def _sync(self, trainer: Trainer, wait: bool = False) -> dict[str, float]:
-        return self.pool.sync_all(trainer.setup.trainable_modules, trainer.step, wait=wait)
+    def _sync(self, trainer: Trainer, wait: bool = False, new_epoch: bool = False) -> None:
+        t0 = time.perf_counter()
+        try:
+            if self.publisher:
+                self._sync_metrics.update(self.pool.sync_all(trainer.setup.trainable_modules, trainer.step,
+                                                             wait=wait, new_epoch=new_epoch))
+        finally:
+            self._blocked += time.perf_counter() - t0
+
+    def _new_lineage(self, trainer: Trainer, wait: bool) -> None:
+        """Rank 0 publishes the current weights in a new board epoch (versions may have gone back:
+        a restored or rolled-back learner); every rank then only takes samples of that epoch on."""
+        self._sync(trainer, wait=wait, new_epoch=True)
+        t0 = time.perf_counter()
+        epoch = _broadcast_from_rank0(self.pool.board_epoch, self.world_size)
+        self._blocked += time.perf_counter() - t0
+        self.pool.version = trainer.step
+        if self.source is not None:
+            self.source.set_epoch(epoch)
+        else:
+            self.pool.set_epoch(epoch)
 
     def on_start(self, trainer: Trainer) -> None:
         # After a resume restore (fit restores before on_start), so the samplers get those weights.
-        self._sync(trainer, wait=True)
+        self._new_lineage(trainer, wait=True)
+        self._window_start, self._blocked = time.perf_counter(), 0.0
 
     def on_event(self, trainer: Trainer, event: dict) -> None:
-        if event.get("kind") == "rollback":
-            self._sync(trainer)  # weights went back: samplers follow at once
+        if event.get("kind") == "rollback":  # on every rank at once (rank-consistent guards)
+            self._new_lineage(trainer, wait=False)  # weights went back: samplers follow at once
 
     def on_step(self, trainer: Trainer, metrics: dict) -> None:
         if trainer.step % self.sync_every == 0:
             self._sync(trainer)
+            self.pool.version = trainer.step
+        now = time.perf_counter()
+        window, blocked = now - self._window_start, self._blocked
+        self._window_start, self._blocked = now, 0.0
         m = self.pool.pop_metrics()
         if self.source is not None:
             m.update(self.source.pop_metrics())
         m["sync_version"] = float(self.pool.version)
+        m["sync_s"] = blocked
+        m["sync_share"] = min(1.0, blocked / window) if window > 0 else 0.0
         # Keep every key present each step (async steps may see no request finish).
         for key in ("sampler_images_per_s", "sampler_roundtrip_s", "staleness_mean", "staleness_max",
                     "probe_max_abs_err"):
@@ -270,9 +343,7 @@ class OnlineSyncCallback(Callback):
             elif key in self._last:
                 m[key] = self._last[key]
         metrics.update({f"online/{k}": v for k, v in m.items()})
-
-    def on_end(self, trainer: Trainer, summary: dict) -> None:
-        self.pool.collect_syncs(block=True)  # a sync still in flight is checked too
+        metrics.update(self._sync_metrics)  # rank 0: the latest sync's sync/* (packet_mb, probe, ...)
 
 
 def folder_dataset(cfg: RunConfig) -> ImageFolderDataset:
@@ -286,33 +357,42 @@ def folder_dataset(cfg: RunConfig) -> ImageFolderDataset:
 
 class OnlineData:
     """The trainer's data for online training (a `Runtime.data` factory, pickled to Ray Train workers):
-    the target images as the dataset, `OnPolicyPairs` as the batch source and, on rank 0, the sampler
-    pool with its weight-sync callback; the pool shuts down when the trainer closes."""
+    the target images as the dataset, `OnPolicyPairs` as the batch source and the weight-sync
+    callback, on every rank.
 
-    def __init__(self, num_samplers: int | None = None) -> None:
-        self.num_samplers = num_samplers
+    `actors` / `board`: the sampler actors and their `WeightBoard`, made by the Ray learner's driver
+    (which owns and kills them); every rank's pool uses these handles. None (one process): the pool
+    creates its own and shuts them down when the trainer closes.
+    """
+
+    def __init__(self, num_samplers: int | None = None, actors: list | None = None, board=None) -> None:
+        self.num_samplers, self.actors, self.board = num_samplers, actors, board
 
     def __call__(self, cfg: RunConfig, setup, runtime) -> TrainingData:
         on, s = cfg.online, cfg.ray.sampler
         rank, world_size = runtime.rank, runtime.world_size
+        if self.actors is None and world_size > 1:
+            raise ValueError("online training with several learners needs the driver's sampler actors and "
+                             "weight board (OnlineData(actors=..., board=...), as actors.learner passes "
+                             "them)")
         dataset = folder_dataset(cfg)
-        pool = SamplerPool(cfg, self.num_samplers) if rank == 0 else None
+        pool = SamplerPool(cfg, self.num_samplers, actors=self.actors, board=self.board, rank=rank)
         try:
             source = OnPolicyPairs(pool, setup.latent_encoder, dataset.prompt, cfg.optim.batch_size, on.mode,
                                    on.max_staleness, s.sync_every, cfg.optim.grad_accum, on.buffer_size,
                                    on.samples_per_request, cfg.train.seed, rank=rank, world_size=world_size)
         except Exception:
-            if pool is not None:
-                pool.shutdown()
+            pool.shutdown()
             raise
-        callbacks = [OnlineSyncCallback(pool, source, s.sync_every)] if pool is not None else []
+        callbacks = [OnlineSyncCallback(pool, source, s.sync_every, publisher=rank == 0,
+                                        world_size=world_size)]
 
         def close() -> None:
             buf = source.buffer
             source.close()
-            if pool is not None:
-                log.info("online %s: %d samples trained on, %d stale dropped, %d sampler restarts",
-                         cfg.objective.name, buf.taken, buf.stale_dropped, pool.restarts)
-                pool.shutdown()
+            log.info("online %s, rank %d: %d samples requested, %d trained on, %d stale dropped, "
+                     "%d sampler restarts seen", cfg.objective.name, rank, source.requested, buf.taken,
+                     buf.stale_dropped, pool.restarts)
+            pool.shutdown()  # kills only actors this pool created
 
         return TrainingData(dataset, None, source, callbacks, close)

@@ -20,20 +20,25 @@ takes the decision that the ranks of a colocated run would all take.
 
 Persistence: after every change the actor writes its reference state (and the step it has
 applied) under `<output_dir>/reference_actor/`; a restarted actor reloads it, so it comes back
-with the same weights and version instead of a silently re-initialised reference.
+with the same weights and version instead of a silently re-initialised reference. When
+train.output_dir is a storage URI (`s3://...`) the state goes there, so an actor that Ray restarts
+on another node finds it; a local output_dir must then be shared by the nodes (NFS).
 """
 
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import ray
 import torch
 from diffalign.config import RunConfig
+from diffalign.data import uri
 from diffalign.models.conditioning import Conditioning
 from diffalign.models.denoiser import Denoiser
 from diffalign.models.precision import autocast, mixed_precision_dtype
@@ -48,8 +53,22 @@ STEP_FILE = "step.json"
 UPDATING = ("periodic", "periodic_threshold")
 
 
-def actor_state_dir(cfg: RunConfig) -> Path:
+def actor_state_dir(cfg: RunConfig) -> Path | str:
+    """`<output_dir>/reference_actor`: a local Path, or a URI when train.output_dir is one."""
+    if uri.is_uri(cfg.train.output_dir):
+        return uri.join(cfg.train.output_dir, "reference_actor")
     return Path(cfg.train.output_dir).resolve() / "reference_actor"
+
+
+def clear_actor_state(state_dir: Path | str) -> None:
+    """Removes an earlier run's persisted actor state (local folder or the files under a URI)."""
+    if uri.is_uri(state_dir):
+        for name in (STATE_FILE, STEP_FILE):
+            path = uri.join(state_dir, name)
+            if uri.exists(path):
+                uri.delete_file(path)
+    elif Path(state_dir).exists():
+        shutil.rmtree(state_dir)
 
 
 def _pack_probe(probe: dict | None) -> dict | None:
@@ -84,13 +103,20 @@ class ReferenceServer:
         self.ref = configured_reference(cfg, self.policy, Denoiser(bundle.noise_scheduler), self.device)
         self.autocast_dtype = mixed_precision_dtype(cfg.model.mixed_precision)
         self.step = 0
-        self.state_dir = Path(state_dir) if state_dir else None
+        self.remote = bool(state_dir) and uri.is_uri(state_dir)
+        self.state_dir: Path | str | None = None
+        if state_dir:
+            self.state_dir = state_dir if self.remote else Path(state_dir)
         self.restored = self._load()
 
     # ------------------------------------------------------------------ persistence
 
     def _load(self) -> bool:
-        if self.state_dir is None or not (self.state_dir / STATE_FILE).exists():
+        if self.state_dir is None:
+            return False
+        if self.remote:
+            return self._load_uri()
+        if not (self.state_dir / STATE_FILE).exists():
             return False
         saved = torch.load(self.state_dir / STATE_FILE, weights_only=False)
         self.ref.load_state_dict(saved["reference"])
@@ -100,8 +126,30 @@ class ReferenceServer:
             self.step = max(self.step, int(json.loads(step_file.read_text())["step"]))
         return True
 
+    def _load_uri(self) -> bool:
+        state, step = uri.join(self.state_dir, STATE_FILE), uri.join(self.state_dir, STEP_FILE)
+        if not uri.exists(state):
+            return False
+        saved = torch.load(io.BytesIO(uri.read_bytes(state)), weights_only=False)
+        self.ref.load_state_dict(saved["reference"])
+        self.step = int(saved["step"])
+        if uri.exists(step):
+            self.step = max(self.step, int(json.loads(uri.read_bytes(step))["step"]))
+        return True
+
     def _persist(self, weights_changed: bool) -> None:
         if self.state_dir is None:
+            return
+        if self.remote:
+            # Each file is written whole (object stores have no rename): the step file after the state,
+            # so a reader never sees a step the saved state does not have yet.
+            state = uri.join(self.state_dir, STATE_FILE)
+            if weights_changed or not uri.exists(state):
+                buf = io.BytesIO()
+                torch.save({"reference": self.ref.state_dict(), "step": self.step}, buf)
+                uri.write_bytes_atomic(state, buf.getvalue())
+            step = json.dumps({"step": self.step}).encode()
+            uri.write_bytes_atomic(uri.join(self.state_dir, STEP_FILE), step)
             return
         self.state_dir.mkdir(parents=True, exist_ok=True)
         if weights_changed or not (self.state_dir / STATE_FILE).exists():
@@ -219,26 +267,32 @@ class ReferenceActor:
         return self.server.metrics()
 
     async def info(self) -> dict:
-        return self.server.info()
+        """The server's info, plus where Ray runs this actor (its node and placement group)."""
+        ctx = ray.get_runtime_context()
+        pg = ctx.get_placement_group_id()
+        return {**self.server.info(), "node_id": ctx.get_node_id(), "placement_group_id": pg}
 
     async def init_fingerprint(self) -> float:
         return self.server.init_fingerprint()
 
 
 def spawn_reference_actor(cfg: RunConfig, fresh: bool = True, name: str | None = None,
-                          max_restarts: int = MAX_RESTARTS):
+                          max_restarts: int = MAX_RESTARTS, **actor_options: Any):
     """Starts a ReferenceActor with cfg.ray.reference_cpus / reference_gpus. `fresh` clears the
     persisted state of an earlier run in the same output_dir (a new run starts from the initial
-    model; a resumed learner pushes its checkpoint's reference state anyway)."""
+    model; a resumed learner pushes its checkpoint's reference state anyway). `actor_options` go to
+    `.options(...)` over those: e.g. `SidePlacement.actor_options("reference")`, which puts the actor
+    in the driver's placement group."""
     state_dir = actor_state_dir(cfg)
-    if fresh and state_dir.exists():
-        shutil.rmtree(state_dir)
+    if fresh:
+        clear_actor_state(state_dir)
     r = cfg.ray
     device = "cuda" if r.reference_gpus > 0 else "cpu"
     opts = dict(num_cpus=r.reference_cpus, num_gpus=r.reference_gpus, max_restarts=max_restarts,
                 max_task_retries=MAX_TASK_RETRIES if max_restarts else 0)
     if name:
         opts["name"] = name
+    opts.update(actor_options)
     return ReferenceActor.options(**opts).remote(cfg, str(state_dir), device)
 
 

@@ -1,8 +1,10 @@
 """Resources of the Ray actors from the config: learners, on-policy samplers, reference actor.
 
 Fractional GPUs are allowed (e.g. a sampler and the reference actor sharing one GPU with 0.5
-each); Ray only accepts whole numbers above one GPU. `placement_bundles(cfg)` lists one bundle
-per actor, in the order learners, samplers, reference; on a CPU-only machine they all fit one node.
+each, or learners sharing a GPU with ray.gpus_per_learner < 1); Ray only accepts whole numbers above
+one GPU. `placement_bundles(cfg)` lists one bundle per actor, in the order learners, samplers, reference.
+Whether they fit the cluster's nodes one by one is `diffalign.actors.placement.plan`'s check;
+`check_fits` here only compares the sums.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ def validate_resources(cfg: RunConfig) -> None:
     """Raises ConfigError naming the bad field."""
     r = cfg.ray
     _check(r.cpus_per_learner, "ray.cpus_per_learner", allow_zero=False)
+    _check(r.gpus_per_learner, "ray.gpus_per_learner", gpu=True, allow_zero=not r.use_gpu)
     _check(r.reference_cpus, "ray.reference_cpus")
     _check(r.reference_gpus, "ray.reference_gpus", gpu=True)
     _check(r.sampler.num_cpus, "ray.sampler.num_cpus")
@@ -58,7 +61,9 @@ def validate_resources(cfg: RunConfig) -> None:
 
 
 def learner_resources(cfg: RunConfig) -> ActorResources:
-    return ActorResources(cfg.ray.cpus_per_learner, 1.0 if cfg.ray.use_gpu else 0.0)
+    """One Ray Train worker: ray.cpus_per_learner CPUs, and ray.gpus_per_learner GPUs when ray.use_gpu."""
+    gpus = float(cfg.ray.gpus_per_learner) if cfg.ray.use_gpu else 0.0
+    return ActorResources(cfg.ray.cpus_per_learner, gpus)
 
 
 def sampler_resources(cfg: RunConfig) -> ActorResources:
@@ -96,7 +101,8 @@ def total_resources(cfg: RunConfig) -> dict[str, float]:
 
 
 def check_fits(cfg: RunConfig, available: dict[str, float]) -> None:
-    """Raises ConfigError when the cluster (e.g. `ray.cluster_resources()`) cannot hold the run."""
+    """Raises ConfigError when the cluster's sums (e.g. `ray.cluster_resources()`) cannot hold the run
+    (necessary, not sufficient: `diffalign.actors.placement.plan` checks node by node)."""
     need = total_resources(cfg)
     short = {k: (v, available.get(k, 0.0)) for k, v in need.items() if v > available.get(k, 0.0) + 1e-9}
     if short:

@@ -1,16 +1,22 @@
-"""On-policy sampling on Ray: `SamplerPool` keeps a group of `SamplerActor`s (see `sampler_worker`)
-synced with the learner and hands out version-tagged samples, surviving actor restarts.
+"""On-policy sampling on Ray: `SamplerPool` is one process's view of a group of `SamplerActor`s
+(see `sampler_worker`) and a `WeightBoard`: it publishes versioned weight packets (the learner's
+rank 0) and requests version-tagged samples (every rank, for itself), surviving actor restarts.
 
 Consistency rules:
 - every sample carries the policy version that generated it (the learner's step of its weights);
-- a generate call names the version it expects; an actor holding another one (a restarted actor is
-  at -1 until re-synced) refuses with `StaleSamplerError` instead of sampling the wrong policy;
-- weights are put in the object store once per sync and shared by every actor;
-- calls to one actor run in submission order, so a generate submitted after a sync uses that sync.
+- rank 0 puts each packet in the object store once and publishes (version, ref) on the board;
+  nothing is pushed to the actors;
+- a generate call names the lowest version it accepts (`min_version`, from the caller's sync
+  schedule) and the board epoch (`min_epoch`, bumped when a restarted learner or a rollback
+  republishes older weights); an actor holding less (a restarted actor holds -1) pulls the board's
+  latest packet itself first, waiting at most ray.sampler.board_timeout_s, so a restarted actor
+  re-syncs without rank 0;
+- the probe check (every ray.sampler.probe_every syncs) compares each actor's outputs with rank 0's.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
@@ -25,6 +31,7 @@ from diffalign.actors.weight_sync import (
     compute_dtype,
     lowest_precision,
     make_packet,
+    packet_dtype,
     probe_outputs,
 )
 from diffalign.config import RunConfig
@@ -33,16 +40,105 @@ from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
 log = logging.getLogger(__name__)
 
 
-def create_sampler(cfg: RunConfig, index: int = 0, **options: Any) -> ray.actor.ActorHandle:
-    """A `SamplerActor` placed and made restartable per `cfg.ray.sampler`.
+class WeightBoard:
+    """The latest published policy: (version, epoch, seq, packet ref). Rank 0 publishes; sampler
+    actors read it when a request needs a newer policy than they hold. An async actor, so waits
+    for a publication do not hold up the publication itself.
 
-    max_task_retries=0: Ray does not replay calls on a restarted actor; the pool re-syncs it first
-    and resubmits, so no call runs against an unsynced copy.
+    `seq` counts publications; `epoch` counts lineages (a new one when versions may go back: a
+    restarted learner attempt or a guard rollback), so a sampler never mistakes weights of a
+    discarded future for the current ones.
+    """
+
+    def __init__(self) -> None:
+        self._latest: dict = {"version": -1, "epoch": -1, "seq": -1, "refs": [], "base": False}
+        self._changed: asyncio.Condition | None = None
+        self.publications = 0
+
+    def _cond(self) -> asyncio.Condition:
+        if self._changed is None:  # made inside the actor's event loop
+            self._changed = asyncio.Condition()
+        return self._changed
+
+    async def publish(self, version: int, refs: list, base: bool = False, new_epoch: bool = False,
+                      epoch: int = -1) -> dict:
+        """`refs`: [packet ref] (a list, so Ray hands the ref itself, not the packet), [] for `base`.
+        `epoch`: the publisher's current one, so a board that Ray restarted (empty) resumes it."""
+        cond = self._cond()
+        async with cond:
+            last = self._latest
+            held = max(last["epoch"], int(epoch))
+            epoch = held + 1 if new_epoch or held < 0 else held
+            self._latest = {"version": int(version), "epoch": epoch, "seq": last["seq"] + 1,
+                            "refs": list(refs), "base": bool(base)}
+            self.publications += 1
+            cond.notify_all()
+        return self.latest_info()
+
+    def latest_info(self) -> dict:
+        return {k: v for k, v in self._latest.items() if k != "refs"}
+
+    async def latest(self) -> dict:
+        return dict(self._latest)
+
+    async def wait_for(self, min_version: int, min_epoch: int, timeout_s: float,
+                       lost_seq: int = -1) -> dict | None:
+        """The latest publication once it is >= (min_epoch, min_version) and not `lost_seq` (a packet
+        whose owner died); None if none is within `timeout_s`."""
+        cond = self._cond()
+
+        def ready() -> bool:
+            x = self._latest
+            return x["seq"] != lost_seq and x["seq"] >= 0 and (
+                x["epoch"] > min_epoch or (x["epoch"] == min_epoch and x["version"] >= min_version))
+
+        async with cond:
+            try:
+                await asyncio.wait_for(cond.wait_for(ready), timeout=max(timeout_s, 0.0))
+            except asyncio.TimeoutError:
+                return None
+            return dict(self._latest)
+
+
+def create_board() -> ray.actor.ActorHandle:
+    """A `WeightBoard` actor (no CPU: it only holds refs). Restarted by Ray if it dies: it comes
+    back empty, samplers that need a version wait (bounded) for rank 0's next publication, which
+    carries the current epoch."""
+    return ray.remote(WeightBoard).options(num_cpus=0, max_restarts=-1, max_task_retries=0).remote()
+
+
+def create_sampler(cfg: RunConfig, index: int = 0, board: ray.actor.ActorHandle | None = None,
+                   **options: Any) -> ray.actor.ActorHandle:
+    """A `SamplerActor` placed and made restartable per `cfg.ray.sampler`, reading `board`.
+
+    max_task_retries=0: Ray does not replay calls on a restarted actor; the pool resubmits them, and
+    the restarted actor (rebuilt with the same board handle) re-syncs itself from the board first.
     """
     s = cfg.ray.sampler
     opts = dict(max_restarts=s.max_restarts, max_task_retries=0, num_cpus=s.num_cpus, num_gpus=s.num_gpus)
     opts.update(options)
-    return SamplerActor.options(**opts).remote(cfg, index)
+    return SamplerActor.options(**opts).remote(cfg, index, board)
+
+
+def create_samplers(cfg: RunConfig, n: int | None = None, options_for: Any = None,
+                    **options: Any) -> tuple[ray.actor.ActorHandle, list[ray.actor.ActorHandle]]:
+    """The board and `n` (ray.sampler.num) sampler actors, owned by the calling process.
+    `options_for(i) -> dict` adds per-actor options (resources, scheduling strategy)."""
+    n = cfg.ray.sampler.num if n is None else n
+    board = create_board()
+    actors = [create_sampler(cfg, i, board, **{**options, **(options_for(i) if options_for else {})})
+              for i in range(n)]
+    return board, actors
+
+
+def kill_actors(*actors: Any) -> None:
+    for actor in actors:
+        if actor is None:
+            continue
+        try:
+            ray.kill(actor, no_restart=True)
+        except Exception:  # noqa: BLE001 - already gone
+            pass
 
 
 @dataclass
@@ -53,44 +149,54 @@ class SampleRequest:
     seeds: list[int]
     actor: int
     ref: ray.ObjectRef
-    expected_version: int
+    expected_version: int               # the lowest version accepted (min_version)
     epoch: int = 0                      # the actor's incarnation as the pool knew it at dispatch
     submitted_at: float = field(default_factory=time.perf_counter)
     attempts: int = 0
 
 
 class SamplerPool:
-    """n `SamplerActor`s: versioned weight sync, round-robin requests, restart tolerance, metrics.
+    """n `SamplerActor`s and their `WeightBoard`: publishing (rank 0), round-robin requests,
+    restart tolerance, metrics.
 
+    `actors` / `board`: handles made elsewhere (the Ray learner's driver owns them; every rank's pool
+    uses the same ones, and `shutdown` leaves them alone). None: this pool creates and owns them.
     An actor that fails a call is taken out of the rotation until it answers again (Ray restarts it
-    up to ray.sampler.max_restarts times); it is then re-synced with the latest packet before it
-    samples. Its failed requests go to another live actor, or wait for it when it is the only one.
+    up to ray.sampler.max_restarts times); its failed requests go to another live actor, or wait for
+    it when it is the only one. The restarted actor pulls the board's packet itself.
     """
 
     def __init__(self, cfg: RunConfig, n: int | None = None, output: str = "latent",
-                 restart_timeout_s: float = 300.0, **actor_options: Any) -> None:
+                 restart_timeout_s: float = 300.0, actors: list | None = None,
+                 board: ray.actor.ActorHandle | None = None, rank: int = 0, **actor_options: Any) -> None:
         s = cfg.ray.sampler
-        n = s.num if n is None else n
-        if n < 1:
-            raise ValueError(f"a sampler pool needs at least one actor, got n={n}")
         if output not in OUTPUTS:
             raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
-        self.cfg, self.output, self.restart_timeout_s = cfg, output, restart_timeout_s
-        self.actors = [create_sampler(cfg, i, **actor_options) for i in range(n)]
+        if (actors is None) != (board is None):
+            raise ValueError("pass both the sampler actors and their weight board, or neither")
+        self.owns_actors = actors is None
+        if actors is None:
+            board, actors = create_samplers(cfg, s.num if n is None else n, **actor_options)
+        if not actors:
+            raise ValueError("a sampler pool needs at least one actor, got none")
+        self.cfg, self.output, self.restart_timeout_s, self.rank = cfg, output, restart_timeout_s, rank
+        self.board, self.actors = board, list(actors)
+        n = len(self.actors)
         self.alive = [True] * n
         self.restarting: set[int] = set()
         # Incarnations seen per actor: failures of calls sent to an older one are not a new restart.
         self.epoch = [0] * n
-        self.sent_version = [-1] * n        # version of the last sync submitted to each actor
-        self.version = -1                   # the latest version handed to the pool
-        self._packet_ref: ray.ObjectRef | None = None
-        self._pending_syncs: list[tuple[int, ray.ObjectRef, int, int]] = []
+        self.pids: list[int | None] = [None] * n   # the process last seen answering, per actor
+        self.version = -1                   # the lowest version requests accept (latest published/told)
+        self.board_epoch = -1               # the board epoch requests must be in (-1: none published yet)
+        self.packet_dtype = packet_dtype(cfg.model.mixed_precision)
         self.verifier = SyncVerifier(s.probe_every)
         self.probe_seed = cfg.train.seed
         self.max_attempts = 2 * (s.max_restarts + 1) * n + 1
         self._rr = 0
         self.restarts = 0
         self.resyncs = 0
+        self.last_packet_mb = 0.0
         self._window = self._empty_window()
 
     # ------------------------------------------------------------------ actor health
@@ -99,15 +205,25 @@ class SamplerPool:
         return [i for i, ok in enumerate(self.alive) if ok]
 
     def _lost(self, i: int, epoch: int, why: str) -> None:
-        """A call sent to incarnation `epoch` of actor i failed: unless that restart is already known,
-        take it out of rotation until it answers; it is re-synced after."""
+        """A call sent to incarnation `epoch` of actor i failed: unless that failure is already known,
+        take it out of rotation until it answers."""
         if epoch != self.epoch[i] or not self.alive[i]:
             return
         self.epoch[i] += 1
-        self.sent_version[i] = -1
         self.restarting.add(i)
-        self.restarts += 1
         log.warning("sampler %d unavailable (%s); waiting for its restart", i, why.splitlines()[0][:200])
+
+    def _seen(self, i: int, pid: int | None, pulled_from: int | None = None) -> None:
+        """An answer of actor i from process `pid`: a new process is a restart (counted once, however
+        many calls failed meanwhile); it re-synced itself when it pulled from version -1."""
+        if pid is None:
+            return
+        if self.pids[i] is not None and pid != self.pids[i]:
+            self.restarts += 1
+            if pulled_from == -1:
+                self.resyncs += 1
+            log.warning("sampler %d restarted (pid %s -> %s)", i, self.pids[i], pid)
+        self.pids[i] = pid
 
     def _ping(self, i: int, wait_s: float) -> bool:
         """Whether actor i answers within `wait_s`. Calls to a restarting actor fail at once, so poll;
@@ -154,77 +270,73 @@ class SamplerPool:
     def _empty_window() -> dict:
         return {"images": 0, "generate_s": 0.0, "roundtrips": [], "sync_s": 0.0, "probe_err": None}
 
-    def _send_sync(self, i: int) -> None:
-        if self._packet_ref is None:  # use_base_weights: nothing to load
-            ref = self.actors[i].use_base_weights.remote(self.version)
-        else:
-            ref = self.actors[i].sync.remote(self._packet_ref, self.version)
-        self._pending_syncs.append((i, ref, self.version, self.epoch[i]))
-        self.sent_version[i] = self.version
+    def set_epoch(self, epoch: int) -> None:
+        """The board epoch this pool's requests must be in (told by rank 0 after it published)."""
+        self.board_epoch = int(epoch)
 
-    def collect_syncs(self, block: bool = False) -> None:
-        """Checks finished sync calls: each actor must report the version it was sent."""
-        if not self._pending_syncs:
-            return
-        refs = [entry[1] for entry in self._pending_syncs]
-        ready_set = set(ray.wait(refs, num_returns=len(refs), timeout=None if block else 0)[0])
-        keep = []
-        for entry in self._pending_syncs:
-            i, ref, version, epoch = entry
-            if ref not in ready_set:
-                keep.append(entry)
-                continue
+    def _pull_all(self, version: int) -> None:
+        """Every usable actor pulls the board's latest now and must then hold `version`."""
+        calls = [(i, self.epoch[i], self.actors[i].pull.remote(version, self.board_epoch))
+                 for i in self._ready_indices()]
+        bound = self.cfg.ray.sampler.board_timeout_s + 60.0
+        for i, epoch, ref in calls:
             try:
-                got = ray.get(ref)
-            except RayActorError as e:
-                self._lost(i, epoch, str(e))
+                got = ray.get(ref, timeout=bound)
+            except (RayActorError, GetTimeoutError) as e:
+                self._lost(i, epoch, str(e))  # it pulls by itself when it is back
                 continue
             self.verifier.check_version(version, got, who=f"sampler {i}")
-        self._pending_syncs = keep
+
+    def _publish(self, refs: list, version: int, base: bool, new_epoch: bool) -> dict:
+        info = ray.get(self.board.publish.remote(int(version), refs, base, new_epoch, self.board_epoch),
+                       timeout=self.restart_timeout_s)
+        self.version = int(version)
+        self.board_epoch = int(info["epoch"])
+        return info
 
     def sync_all(self, modules: torch.nn.Module | list[torch.nn.Module], version: int,
-                 wait: bool = False) -> dict[str, float]:
-        """Hands policy `version` to every actor (one object-store copy shared by all).
+                 wait: bool = False, new_epoch: bool = False) -> dict[str, float]:
+        """Publishes policy `version`: one packet in the training dtype (`packet_dtype`), put in the
+        object store once and announced on the board; actors pull it when a request needs it.
 
-        Returns without waiting unless `wait` or this sync is due for the probe check (every
-        ray.sampler.probe_every syncs), which compares each actor's outputs on a fixed probe batch with
-        the learner's and raises WeightSyncError on a mismatch. Version mismatches raise too, when the
-        sync's reply is collected.
+        `new_epoch`: versions may go back (a restored or rolled-back learner), so actors must drop
+        what they hold. With `wait`, or when this sync is due for the probe check (every
+        ray.sampler.probe_every syncs), every usable actor pulls it now and reports the version; the
+        probe compares each actor's outputs on a fixed batch with the learner's and raises
+        WeightSyncError on a mismatch.
         """
         t0 = time.perf_counter()
-        self.collect_syncs(block=False)
-        packet = make_packet(modules, version)
-        self._packet_ref = ray.put(packet)
-        self.version = int(version)
-        for i in self._ready_indices():  # restarting ones get it when they are back
-            self._send_sync(i)
+        packet = make_packet(modules, version, dtype=self.packet_dtype)
+        info = self._publish([ray.put(packet)], version, False, new_epoch)
         probe = self.verifier.next_sync()
-        metrics = {"sync/version": float(version), "sync/packet_mb": packet.num_bytes / 2**20}
+        self.last_packet_mb = packet.num_bytes / 2**20
+        metrics = {"sync/version": float(version), "sync/packet_mb": self.last_packet_mb,
+                   "sync/epoch": float(info["epoch"])}
         if wait or probe:
-            self.collect_syncs(block=True)
+            self._pull_all(int(version))
         if probe:
             unet = modules if isinstance(modules, torch.nn.Module) else modules[0]
-            metrics["sync/probe_max_abs_err"] = self._probe_check(unet, version)
+            metrics["sync/probe_max_abs_err"] = self._probe_check(unet, int(version), packet.dtype)
         dt = time.perf_counter() - t0
         self._window["sync_s"] += dt
         metrics["sync/seconds"] = dt
         return metrics
 
-    def _probe_check(self, unet: torch.nn.Module, version: int) -> float:
+    def _probe_check(self, unet: torch.nn.Module, version: int, sent_dtype: torch.dtype) -> float:
         probe = ProbeBatch.build(unet, self.probe_seed)
         sender = probe_outputs(unet, probe)
         sender_dtype = compute_dtype(unet)
         errs = []
         for i in self._ready_indices():
-            if self.sent_version[i] != version:
-                continue  # its sync failed: re-synced when it is back, and version-checked then
             try:
-                got = ray.get(self.actors[i].probe.remote(self.probe_seed), timeout=self.restart_timeout_s)
+                got = ray.get(self.actors[i].probe.remote(self.probe_seed, version, self.board_epoch),
+                              timeout=self.restart_timeout_s)
             except (RayActorError, GetTimeoutError) as e:
                 self._lost(i, self.epoch[i], str(e))
                 continue
             self.verifier.check_version(version, got["version"], who=f"sampler {i}")
-            dtype = lowest_precision(sender_dtype, getattr(torch, got["dtype"]))
+            # The loosest of what the learner computes in, what the packet carried, what the actor runs.
+            dtype = lowest_precision(sender_dtype, getattr(torch, got["dtype"]), sent_dtype)
             errs.append(self.verifier.check_probe(sender, got["out"], dtype, who=f"sampler {i}",
                                                   version=version))
         err = max(errs, default=0.0)
@@ -235,17 +347,14 @@ class SamplerPool:
     def use_base_weights(self, version: int = 0) -> None:
         """Samples the model the actors were built with (cfg.model) as policy `version`: no learner and
         no weight packet (dataset building, baselines). Restarted actors are rebuilt from the same config
-        and declared base again before they sample. A later `sync_all` replaces it as usual."""
-        self.collect_syncs(block=False)
-        self._packet_ref = None
-        self.version = int(version)
-        for i in self._ready_indices():
-            self._send_sync(i)
-        self.collect_syncs(block=True)
+        and pull "base" from the board again before they sample. A later `sync_all` replaces it."""
+        self._publish([], version, True, True)
+        self._pull_all(int(version))
 
     def versions(self) -> list[int]:
         """Each live actor's version as it reports it now (waits behind queued calls)."""
-        return ray.get([self.actors[i].version.remote() for i in self._ready_indices()])
+        return ray.get([self.actors[i].version.remote() for i in self._ready_indices()],
+                       timeout=self.restart_timeout_s)
 
     # ------------------------------------------------------------------ requests
 
@@ -259,48 +368,44 @@ class SamplerPool:
         self._rr += 1
         return i
 
-    def _dispatch(self, i: int, prompts: list[str], seeds: list[int]) -> ray.ObjectRef:
-        if self.version < 0:
-            raise RuntimeError("SamplerPool.sync_all (or use_base_weights) must run before the first request")
-        if self.sent_version[i] != self.version:
-            self.resyncs += 1
-            self._send_sync(i)
+    def _dispatch(self, i: int, prompts: list[str], seeds: list[int], min_version: int) -> ray.ObjectRef:
         s = self.cfg.ray.sampler
         return self.actors[i].generate.remote(prompts, seeds, s.inference_steps, s.guidance_scale,
-                                              self.output, expected_version=self.version)
+                                              self.output, min_version=min_version,
+                                              min_epoch=self.board_epoch, requester=self.rank)
 
-    def submit(self, prompts: list[str], seeds: list[int]) -> SampleRequest:
-        """Starts one generate call on the next usable actor (round-robin)."""
+    def submit(self, prompts: list[str], seeds: list[int], min_version: int | None = None) -> SampleRequest:
+        """Starts one generate call on the next usable actor (round-robin). The samples will be of
+        policy version >= `min_version` (default: the latest this pool published or was told)."""
+        min_version = self.version if min_version is None else int(min_version)
+        if min_version < 0:
+            raise RuntimeError("SamplerPool.sync_all (or use_base_weights) must run before the first "
+                               "request, or the request must name its min_version")
         i = self._pick()
-        ref = self._dispatch(i, list(prompts), list(seeds))
-        return SampleRequest(list(prompts), list(seeds), i, ref, self.version, self.epoch[i])
+        ref = self._dispatch(i, list(prompts), list(seeds), min_version)
+        return SampleRequest(list(prompts), list(seeds), i, ref, min_version, self.epoch[i])
 
     def _retry(self, req: SampleRequest, reason: str) -> None:
         req.attempts += 1
         if req.attempts > self.max_attempts:
             raise RuntimeError(f"sample request failed {req.attempts} times; last: {reason}")
         i = self._pick()
-        req.actor, req.expected_version, req.epoch = i, self.version, self.epoch[i]
-        req.ref = self._dispatch(i, req.prompts, req.seeds)
+        req.actor, req.epoch, req.submitted_at = i, self.epoch[i], time.perf_counter()
+        req.ref = self._dispatch(i, req.prompts, req.seeds, req.expected_version)
 
     def resolve(self, req: SampleRequest) -> dict | None:
         """The result of a finished request, or None after resubmitting a failed one (in place)."""
         i = req.actor
         try:
-            result = ray.get(req.ref)
-        except StaleSamplerError as e:
-            # It answers but lost its weights: it restarted between our calls. Re-sync, then retry.
-            if req.epoch == self.epoch[i]:
-                self.epoch[i] += 1
-                self.restarts += 1
-                self.sent_version[i] = -1
-                log.warning("sampler %d: %s; re-syncing version %d", i, e, self.version)
+            result = ray.get(req.ref, timeout=0)  # only called on finished refs
+        except StaleSamplerError as e:  # an expected_version call elsewhere; never from min_version ones
             self._retry(req, str(e))
             return None
         except RayActorError as e:
             self._lost(i, req.epoch, str(e))
             self._retry(req, str(e))
             return None
+        self._seen(i, result.get("pid"), result.get("pulled_from"))
         rtt = time.perf_counter() - req.submitted_at
         result["roundtrip_s"] = rtt
         w = self._window
@@ -309,14 +414,26 @@ class SamplerPool:
         w["roundtrips"].append(rtt)
         return result
 
+    @property
+    def request_timeout_s(self) -> float:
+        """The longest a blocking wait for samples lasts: an actor may first wait for the board
+        (board_timeout_s) and then be restarted (restart_timeout_s)."""
+        return self.cfg.ray.sampler.board_timeout_s + self.restart_timeout_s
+
     def wait(self, requests: list[SampleRequest], timeout: float | None = None,
              num_returns: int = 1) -> list[tuple[SampleRequest, dict]]:
         """Blocks until at least `num_returns` requests finish (or `timeout`); returns those that
-        succeeded. Failed ones are resubmitted in place and stay in flight."""
+        succeeded. Failed ones are resubmitted in place and stay in flight. `timeout=None` waits at
+        most `request_timeout_s`, then raises TimeoutError."""
         if not requests:
             return []
         refs = [r.ref for r in requests]
-        ready, _ = ray.wait(refs, num_returns=min(num_returns, len(refs)), timeout=timeout)
+        bound = self.request_timeout_s if timeout is None else timeout
+        ready, _ = ray.wait(refs, num_returns=min(num_returns, len(refs)), timeout=bound)
+        if not ready and timeout is None:
+            raise TimeoutError(f"no sample request of {len(refs)} in flight finished within {bound:.0f}s "
+                               f"(ray.sampler.board_timeout_s + the restart wait) on actors "
+                               f"{sorted({r.actor for r in requests})}")
         if ready:  # collect everything already finished, not just the first num_returns
             ready = ray.wait(refs, num_returns=len(refs), timeout=0)[0] or ready
         ready_set = set(ready)
@@ -328,16 +445,18 @@ class SamplerPool:
                     done.append((req, result))
         return done
 
-    def request(self, prompts: list[str], seeds: list[int], max_per_request: int | None = None) -> dict:
+    def request(self, prompts: list[str], seeds: list[int], max_per_request: int | None = None,
+                min_version: int | None = None) -> dict:
         """Generates (prompt, seed) samples split across the usable actors, in requests of at most
-        `max_per_request` prompts when given; blocks; merged in order."""
+        `max_per_request` prompts when given, of version >= `min_version` (see `submit`); blocks
+        (each wait bounded, see `wait`); merged in order."""
         if not prompts:
             raise ValueError("no prompts to sample")
         n = min(len(self._ready_indices()) or 1, len(prompts))
         if max_per_request:
             n = max(n, -(-len(prompts) // max_per_request))
         bounds = [round(k * len(prompts) / n) for k in range(n + 1)]
-        reqs = [self.submit(prompts[a:b], seeds[a:b]) for a, b in zip(bounds, bounds[1:])]
+        reqs = [self.submit(prompts[a:b], seeds[a:b], min_version) for a, b in zip(bounds, bounds[1:])]
         results: dict[int, dict] = {}
         pending = list(reqs)
         while pending:
@@ -354,6 +473,7 @@ class SamplerPool:
         out: dict[str, float] = {
             "sampler_restarts": float(self.restarts), "sampler_resyncs": float(self.resyncs),
             "sampler_alive": float(len(self._alive_indices())), "sync_s": w["sync_s"],
+            "packet_mb": self.last_packet_mb,
         }
         if w["generate_s"] > 0:
             out["sampler_images_per_s"] = w["images"] / w["generate_s"]
@@ -364,11 +484,9 @@ class SamplerPool:
         return out
 
     def shutdown(self) -> None:
-        for actor in self.actors:
-            try:
-                ray.kill(actor, no_restart=True)
-            except Exception:  # already gone
-                pass
+        """Kills the actors and the board if this pool created them (the driver kills its own)."""
+        if self.owns_actors:
+            kill_actors(*self.actors, self.board)
         self.alive = [False] * len(self.actors)
 
 

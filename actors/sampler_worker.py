@@ -1,16 +1,29 @@
 """The sampler worker: one copy of the policy pipeline that loads weight packets and generates
 version-tagged samples. `SamplerActor` is the same class on Ray; `diffalign.actors.sampler` keeps a
 restartable, versioned group of them in step with the learner.
+
+With a `WeightBoard` (see `diffalign.actors.sampler`), the worker syncs itself: a call that names
+`min_version` / `min_epoch` first pulls the board's latest packet when the worker holds an older
+one (or none: -1 after a restart), so no learner has to push weights to a restarted actor.
 """
 
 from __future__ import annotations
 
 import os
 import time
+from collections import Counter
+from typing import Any
 
 import ray
 import torch
-from diffalign.actors.weight_sync import ProbeBatch, WeightPacket, apply_packet, compute_dtype, probe_outputs
+from diffalign.actors.weight_sync import (
+    ProbeBatch,
+    WeightPacket,
+    WeightSyncError,
+    apply_packet,
+    compute_dtype,
+    probe_outputs,
+)
 from diffalign.config import RunConfig
 from diffalign.models.build import build_policy
 from diffalign.models.precision import autocast, mixed_precision_dtype
@@ -29,8 +42,8 @@ class SamplerWorker:
     preparation), so the trainable keys match and a packet loads strictly.
     """
 
-    def __init__(self, cfg: RunConfig, index: int = 0) -> None:
-        self.cfg, self.index = cfg, index
+    def __init__(self, cfg: RunConfig, index: int = 0, board: Any = None) -> None:
+        self.cfg, self.index, self.board = cfg, index, board
         want_gpu = cfg.ray.sampler.num_gpus > 0 and torch.cuda.is_available()
         self.device = torch.device("cuda" if want_gpu else "cpu")
         # Half-precision autocast only where it pays (GPU); the probe check then uses its tolerance.
@@ -47,17 +60,78 @@ class SamplerWorker:
         self.bundle = bundle
         self.pipe = bundle.pipeline()
         self._version = -1
+        self._epoch = -1    # the board epoch (learner attempt / rollback lineage) of the held weights
+        self._seq = -1      # the board publication held (-1: none)
         self._holds_base = True  # still the weights it was built with (no packet loaded yet)
         self._probes: dict[int, ProbeBatch] = {}
         self.images_generated = 0
         self.generate_s = 0.0
+        self.board_pulls: list[int] = []          # versions pulled from the board, in order
+        self.requests_by_rank: Counter = Counter()  # images generated per requesting learner rank
+        self.reconstructed = False
+        try:  # a Ray restart of this actor (False outside Ray)
+            self.reconstructed = bool(ray.get_runtime_context().was_current_actor_reconstructed)
+        except Exception:  # noqa: BLE001 - not in an actor
+            pass
 
     def sync(self, packet: WeightPacket, expected_version: int | None = None) -> int:
         """Strict load of the packet (see `apply_packet`); returns the version now held."""
         self._version = -1  # a failed load leaves no half-valid version behind
+        self._epoch = self._seq = -1
         self._holds_base = False
         self._version = apply_packet(self.modules, packet, expected_version)
         return self._version
+
+    def pull(self, min_version: int, min_epoch: int = 0, timeout_s: float | None = None) -> int:
+        """Makes sure the held policy is the board's latest and at least (`min_version`, `min_epoch`),
+        loading the board's packet when it is not; returns the version now held.
+
+        Waits at most `timeout_s` (ray.sampler.board_timeout_s) for the board to publish such a
+        version, then raises WeightSyncError naming what it waited for.
+        """
+        if self.board is None:
+            raise RuntimeError(f"sampler {self.index} has no weight board to pull policy version "
+                               f">= {min_version} from")
+        timeout_s = self.cfg.ray.sampler.board_timeout_s if timeout_s is None else timeout_s
+        deadline = time.monotonic() + timeout_s
+        lost_seq = -1
+        while True:
+            left = max(deadline - time.monotonic(), 0.0)
+            # The board answers at once when it holds a fresh enough publication; an empty reply
+            # means the bound passed.
+            try:
+                latest = ray.get(self.board.wait_for.remote(min_version, min_epoch, left, lost_seq),
+                                 timeout=left + 30.0)
+            except ray.exceptions.RayActorError:  # the board is restarting (empty): ask again
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.5)
+                continue
+            if latest is None:
+                raise WeightSyncError(
+                    f"sampler {self.index} waited {timeout_s:.0f}s (ray.sampler.board_timeout_s) for the "
+                    f"weight board to publish policy version >= {min_version} of epoch >= {min_epoch}; "
+                    f"it holds version {self._version} (epoch {self._epoch}) and the learner's rank 0 "
+                    "published nothing newer")
+            if latest["seq"] == self._seq:
+                return self._version
+            try:
+                self._load(latest)
+            except (ray.exceptions.ObjectLostError, ray.exceptions.OwnerDiedError):
+                # Its owner (a learner attempt that died) is gone: wait for the next publication.
+                lost_seq = latest["seq"]
+                continue
+            return self._version
+
+    def _load(self, latest: dict) -> None:
+        version = int(latest["version"])
+        if latest["base"]:
+            self.use_base_weights(version)
+        else:
+            packet = ray.get(latest["refs"][0], timeout=self.cfg.ray.sampler.board_timeout_s)
+            self.sync(packet, expected_version=version)
+        self._epoch, self._seq = int(latest["epoch"]), int(latest["seq"])
+        self.board_pulls.append(version)
 
     def use_base_weights(self, version: int = 0) -> int:
         """Declares the weights it was built with (cfg.model as loaded) to be policy `version`, so the
@@ -70,6 +144,7 @@ class SamplerWorker:
         if active:
             raise RuntimeError(f"sampler {self.index}: LoRA adapters are not a no-op ({active[0]} != 0)")
         self._version = int(version)
+        self._epoch = self._seq = -1
         return self._version
 
     def version(self) -> int:
@@ -77,11 +152,17 @@ class SamplerWorker:
 
     def info(self) -> dict:
         return {"index": self.index, "pid": os.getpid(), "device": str(self.device), "version": self._version,
-                "images_generated": self.images_generated, "generate_s": self.generate_s}
+                "epoch": self._epoch, "images_generated": self.images_generated,
+                "generate_s": self.generate_s,
+                "board_pulls": list(self.board_pulls), "requests_by_rank": dict(self.requests_by_rank),
+                "reconstructed": self.reconstructed}
 
     @torch.no_grad()
-    def probe(self, seed: int = 0) -> dict:
-        """Denoiser outputs on the fixed probe batch of `seed`, with the version and compute dtype."""
+    def probe(self, seed: int = 0, min_version: int | None = None, min_epoch: int = 0) -> dict:
+        """Denoiser outputs on the fixed probe batch of `seed`, with the version and compute dtype
+        (after pulling the board's latest packet when `min_version` is given)."""
+        if min_version is not None:
+            self.pull(min_version, min_epoch)
         if seed not in self._probes:
             self._probes[seed] = ProbeBatch.build(self.bundle.unet, seed)
         with autocast(self.device, self.autocast_dtype):
@@ -92,12 +173,19 @@ class SamplerWorker:
     @torch.no_grad()
     def generate(self, prompts: list[str], seeds: list[int], steps: int | None = None,
                  guidance: float | None = None, output: str = "latent",
-                 expected_version: int | None = None) -> dict:
+                 expected_version: int | None = None, min_version: int | None = None, min_epoch: int = 0,
+                 requester: int | None = None) -> dict:
         """One sample per (prompt, seed), each from its own seeded generator.
 
         output="latent": "latents" (N, C, h, w) float32 in the scaled latent space the training step
         uses (the VAE encoder's mean times scaling_factor); output="pil": "images" (list of PIL).
+        `min_version` (with `min_epoch`): pull the board's latest first (see `pull`); every sample is
+        tagged with the version really used. `expected_version`: refuse (StaleSamplerError) unless
+        exactly that version is held, without pulling. `requester`: the learner rank asking (logged).
         """
+        pulled_from, pulls_before = self._version, len(self.board_pulls)
+        if min_version is not None:
+            self.pull(min_version, min_epoch)
         if expected_version is not None and self._version != expected_version:
             raise StaleSamplerError(f"sampler {self.index} holds policy version {self._version}, "
                                     f"asked for version {expected_version}")
@@ -116,9 +204,13 @@ class SamplerWorker:
         dt = time.perf_counter() - t0
         self.images_generated += len(prompts)
         self.generate_s += dt
+        if requester is not None:
+            self.requests_by_rank[int(requester)] += len(prompts)
         result = {"prompts": list(prompts), "seeds": [int(x) for x in seeds], "version": self._version,
-                  "versions": [self._version] * len(prompts), "actor": self.index, "generate_s": dt,
-                  "images_per_s": len(prompts) / max(dt, 1e-9)}
+                  "versions": [self._version] * len(prompts), "epoch": self._epoch, "actor": self.index,
+                  "pid": os.getpid(), "requester": requester, "pulled_from": pulled_from,
+                  "pulled": len(self.board_pulls) > pulls_before,
+                  "generate_s": dt, "images_per_s": len(prompts) / max(dt, 1e-9)}
         if output == "latent":
             result["latents"] = out.images.float().cpu()
         else:

@@ -5,7 +5,7 @@ Each trial is a Ray Train run: a driver function fits `train_with_ray` (a `Torch
 `Tuner` directly). The learner reports the validation metric (held-out implicit accuracy by
 default) every `tune.report_every` steps, so ASHA can stop bad trials early. Every trial is one
 MLflow run (the Tuner's MLflowLoggerCallback) in the configured store; its Ray Train run, its
-checkpoints and `ray_final.json` live in the trial's own folder.
+checkpoints and its run records (`ray/<run name>/diffalign/`) live in the trial's own folder.
 """
 
 from __future__ import annotations

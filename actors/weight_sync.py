@@ -5,9 +5,11 @@ Pure torch (no Ray): the Ray layer moves `WeightPacket`s through the object stor
 decides whether what arrived is complete, current and numerically the same model.
 
 A packet holds the trainable weights only (LoRA adapter tensors for a LoRA policy, every UNet
-parameter for a full fine-tune). With several trainable modules (UNet plus text-encoder LoRA), keys
-follow the Trainer's checkpoint convention: the first module unprefixed, module i as
-``text_encoder_{i}.<name>``.
+parameter for a full fine-tune), cast to the run's training dtype (`packet_dtype`: bf16 / fp16
+under `model.mixed_precision`, else fp32), so a bf16 run moves half the bytes of its fp32 master
+weights. The receiver casts them into its own parameters on load. With several trainable modules
+(UNet plus text-encoder LoRA), keys follow the Trainer's checkpoint convention: the first module
+unprefixed, module i as ``text_encoder_{i}.<name>``.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from diffalign.models.conditioning import Conditioning
 from diffalign.models.denoiser import Denoiser
+from diffalign.models.precision import mixed_precision_dtype
 from diffalign.models.weights import (
     WeightMismatchError,
     check_state_dict,
@@ -29,8 +32,9 @@ from diffalign.models.weights import (
 )
 
 __all__ = [
-    "WeightMismatchError", "WeightSyncError", "WeightPacket", "make_packet", "apply_packet", "ProbeBatch",
-    "probe_outputs", "probe_tolerance", "compute_dtype", "lowest_precision", "verify_probe", "SyncVerifier",
+    "WeightMismatchError", "WeightSyncError", "WeightPacket", "make_packet", "apply_packet", "packet_dtype",
+    "ProbeBatch", "probe_outputs", "probe_tolerance", "compute_dtype", "lowest_precision", "verify_probe",
+    "SyncVerifier",
 ]
 
 Modules = torch.nn.Module | Sequence[torch.nn.Module]
@@ -45,11 +49,17 @@ class WeightPacket:
     version: int                         # the learner's optimizer step these weights belong to
     weights: dict[str, torch.Tensor]     # CPU tensors
     lora: bool                           # adapter tensors only (True) or every parameter (False)
-    fingerprint: float                   # state_fingerprint(weights), checked on arrival
+    fingerprint: float                   # state_fingerprint(weights) of the sent tensors, checked on arrival
 
     @property
     def num_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.weights.values())
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The lowest precision among its floating tensors (float32 for an empty packet)."""
+        floats = {t.dtype for t in self.weights.values() if t.is_floating_point()}
+        return lowest_precision(*floats) if floats else torch.float32
 
 
 def _as_list(modules: Modules) -> list[torch.nn.Module]:
@@ -60,13 +70,28 @@ def _prefix(i: int) -> str:
     return "" if i == 0 else f"text_encoder_{i}."
 
 
-def make_packet(modules: Modules, version: int) -> WeightPacket:
-    """Snapshot (detached CPU copies) of the trainable weights of `modules` as policy `version`."""
+def packet_dtype(mixed_precision: str) -> torch.dtype:
+    """The dtype weights travel in for `model.mixed_precision`: bf16 / fp16, or float32 for "no"."""
+    return mixed_precision_dtype(mixed_precision) or torch.float32
+
+
+def make_packet(modules: Modules, version: int, dtype: torch.dtype | None = None) -> WeightPacket:
+    """Snapshot (detached CPU copies) of the trainable weights of `modules` as policy `version`.
+
+    With `dtype`, floating tensors are cast to it in the same copy (no fp32 CPU copy first); the
+    fingerprint is of the cast tensors, i.e. of what is sent. None keeps each parameter's dtype.
+    """
     mods = _as_list(modules)
     lora = is_lora_model(mods[0])
     weights: dict[str, torch.Tensor] = {}
     for i, module in enumerate(mods):
-        weights.update({_prefix(i) + k: v for k, v in trainable_state_dict(module, lora_only=lora).items()})
+        if dtype is None:
+            part = trainable_state_dict(module, lora_only=lora)
+        else:
+            part = {name: p.detach().to(device="cpu", dtype=dtype if p.is_floating_point() else p.dtype,
+                                        copy=True)
+                    for name, p in module.named_parameters() if not lora or "lora_" in name}
+        weights.update({_prefix(i) + k: v for k, v in part.items()})
     return WeightPacket(int(version), weights, lora, state_fingerprint(weights))
 
 
@@ -86,6 +111,7 @@ def _split(weights: dict[str, torch.Tensor], n: int) -> list[dict[str, torch.Ten
 def apply_packet(modules: Modules, packet: WeightPacket, expected_version: int | None = None) -> int:
     """Loads `packet` into `modules` strictly; returns its version.
 
+    Each tensor is cast into the receiver's parameter dtype (a bf16 packet loads into fp32 weights).
     Raises WeightSyncError on a version other than `expected_version`, a LoRA/full mismatch or weights
     that changed in transit, and WeightMismatchError (naming the keys) on any missing, unexpected or
     mis-shaped key: a partial load would sample from a model nobody trained. Nothing is loaded unless
@@ -182,7 +208,8 @@ def compute_dtype(module: torch.nn.Module, autocast_dtype: torch.dtype | None = 
 
 
 def lowest_precision(*dtypes: torch.dtype) -> torch.dtype:
-    """The dtype with the loosest tolerance (a bf16 receiver of an fp32 learner is checked as bf16)."""
+    """The dtype with the loosest tolerance (a bf16 receiver of an fp32 learner is checked as bf16, and
+    so is an fp32 receiver of a bf16 packet: pass sender, receiver and packet dtypes)."""
     return max(dtypes, key=probe_tolerance)
 
 

@@ -67,8 +67,22 @@ def pytest_sessionfinish(session, exitstatus) -> None:
             session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
+def _s3_env(request) -> dict:
+    """The AWS variables of the session's S3 server (tests/s3_server.py), started here when moto is
+    installed: Ray workers take their environment from the cluster's start, so a test that stores on
+    s3:// later only works if its workers already point at that server."""
+    import importlib.util
+
+    from s3_server import ENV
+
+    if importlib.util.find_spec("moto") is None or importlib.util.find_spec("flask") is None:
+        return {}  # the s3_server fixture would skip: Ray tests still run, without S3
+    server = request.getfixturevalue("s3_server")
+    return {**ENV, "AWS_ENDPOINT_URL": server.endpoint}
+
+
 @pytest.fixture(scope="session")
-def ray_local(tmp_path_factory):
+def ray_local(tmp_path_factory, request):
     """A local Ray cluster (small object store) shared by every Ray test of the session.
 
     Its own cluster (address="local"), never one a developer started on the same machine. The
@@ -96,7 +110,8 @@ def ray_local(tmp_path_factory):
             log_to_driver=False,
             runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
                                       "TOKENIZERS_PARALLELISM": "false",
-                                      "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{dashboard_port}"}},
+                                      "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{dashboard_port}",
+                                      **_s3_env(request)}},
         )
     yield ray
     # The end of the session: stop the cluster this fixture started, then remove its session files.

@@ -89,3 +89,50 @@ def test_data_scale_writes_a_row_per_source_and_learner_count(tmp_path):
     assert two["rows_trained_shared_by_ranks"] == 0  # each rank trains on its own rows
     assert "Ratios against the targets" in (out / "data_scale-cpu.md").read_text()
     assert not list((tmp_path / "work").glob("*.parquet"))  # the data is removed without --keep
+
+
+def test_weight_sync_gpu_script_runs_its_cpu_path(tmp_path):
+    """`gpu_weight_sync.sh` on its CPU path at tiny size: every payload x transport row (object store,
+    gloo broadcast, Ray Direct Transport over gloo) delivered every version and the whole weights, the
+    bf16 payloads are exactly half the fp32 bytes, and the share of the measured tiny step adds up."""
+    env = dict(os.environ, PYTHONPATH=str(REPO / "platform"), OMP_NUM_THREADS="1", OUT=str(tmp_path / "out"),
+               WS_DEVICE="cpu", WS_BUDGET_S="240", PYTHON=sys.executable)
+    script = str(REPO / "benchmarks" / "gpu_weight_sync.sh")
+    bad = subprocess.run(["bash", script], cwd=REPO, env=dict(env, WS_DEVICE="tpu"), capture_output=True,
+                         text=True, timeout=30)
+    assert bad.returncode == 2 and "WS_DEVICE" in bad.stderr  # refused before anything starts
+    bad = subprocess.run([sys.executable, str(REPO / "benchmarks" / "weight_sync.py"),
+                          "--payloads", "full_fp16"], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=60)
+    assert bad.returncode != 0 and "--payloads" in bad.stderr + bad.stdout
+
+    payloads = ["full_fp32", "full_bf16", "lora4_bf16"]
+    proc = subprocess.run(["bash", script, "--size", "tiny", "--receivers", "2", "--rounds", "2",
+                           "--warmup", "0", "--payloads", ",".join(payloads),
+                           "--transports", "object_store,broadcast,rdt"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads((tmp_path / "out" / "weight_sync-cpu.json").read_text())
+    assert (tmp_path / "out" / "weight_sync-cpu.md").exists() and not res["partial"]
+    assert res["ready"] == ["object_store", "broadcast", "rdt"] and res["skipped_transports"] == {}
+    rows = {(r["payload"], r["transport"]): r for r in res["rows"]}
+    assert set(rows) == {(p, t) for p in payloads for t in ("object_store", "broadcast", "rdt")}
+    step = res["step"]["tiny"]
+    assert step["s"] > 0 and "configs/tiny/mapo.yaml" in step["source"]
+    for r in rows.values():
+        assert "error" not in r and "skipped" not in r, r
+        assert r["rounds"] == 2 and r["receivers"] == 2
+        assert 0 < r["min_ms"] <= r["median_ms"]
+        assert 0 < r["learner_blocked_median_ms"] <= r["median_ms"] * 1.001
+        assert r["verified_every_round"] and r["final_weights_equal"] is True
+        assert r["learner_peak_rss_mib"] > 100  # a process with torch loaded
+        sync_s = r["median_ms"] / 1000
+        assert r["share_of_step"] == pytest.approx(sync_s / (step["s"] + sync_s))
+        assert 0 < r["share_of_step"] < 1
+    fp32, bf16 = rows[("full_fp32", "object_store")], rows[("full_bf16", "object_store")]
+    assert fp32["params"] == bf16["params"] and fp32["bytes"] == 2 * bf16["bytes"] == 4 * fp32["params"]
+    lora = rows[("lora4_bf16", "broadcast")]
+    assert lora["bytes"] == 2 * lora["params"] and 0 < lora["params"] < fp32["params"] / 10
+    assert lora["tensors"] % 2 == 0  # lora_A + lora_B per target Linear
+    assert {(x["payload"], x["transport"]) for x in res["ratios"]} == {
+        (p, t) for p in payloads for t in ("broadcast", "rdt")}

@@ -85,6 +85,9 @@ def test_placement_bundles_and_validation(tiny_cfg):
     gpu = tiny_cfg("ray.use_gpu=true", "ray.num_learners=2", "reference.placement=actor",
                    "ray.reference_gpus=0.5")
     assert placement_bundles(gpu) == [{"CPU": 1.0, "GPU": 1.0}] * 2 + [{"CPU": 1.0, "GPU": 0.5}]
+    shared = tiny_cfg("ray.use_gpu=true", "ray.num_learners=2", "ray.gpus_per_learner=0.5")
+    assert placement_bundles(shared) == [{"CPU": 1.0, "GPU": 0.5}] * 2  # two learners on one GPU
+    assert placement_bundles(tiny_cfg("ray.gpus_per_learner=0.5")) == [{"CPU": 1.0}]  # CPU run: no GPU
     for bad, field in [(("ray.cpus_per_learner=0",), "ray.cpus_per_learner"),
                        (("ray.use_gpu=true", "ray.reference_gpus=1.5"), "ray.reference_gpus"),
                        (("ray.reference_gpus=0.5",), "ray.reference_gpus"),

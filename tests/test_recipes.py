@@ -132,13 +132,14 @@ def test_sweep_trials_are_ray_train_runs_with_asha_and_mlflow(tmp_path, ray_loca
         # Each trial is a Ray Train run writing into its trial folder: the learner's step log, the
         # run's checkpoints (one per report here), and the run summary when it got to the end.
         trial_dir = Path(trial["path"])
-        log = read_step_log(trial_dir / "ray_steps.jsonl")
+        records = trial_dir / "ray" / "diffalign-dpo" / "diffalign"
+        log = read_step_log(records)
         assert [r["world_size"] for r in log if r["event"] == "start"] == [1]
         steps = [r["step"] for r in log if r["event"] == "step"]
         assert steps[: 2 * trial["iterations"]] == list(range(1, 2 * trial["iterations"] + 1))
         assert list((trial_dir / "ray" / "diffalign-dpo").glob("checkpoint_*/weights.safetensors"))
-        if trial["iterations"] == 2 and (trial_dir / FINAL_JSON).exists():  # not killed while finishing
-            final = json.loads((trial_dir / FINAL_JSON).read_text())
+        if trial["iterations"] == 2 and (records / FINAL_JSON).exists():  # not killed while finishing
+            final = json.loads((records / FINAL_JSON).read_text())
             assert final["step"] == 4
             assert final["metrics"]["heldout/implicit_acc"] == trial["heldout/implicit_acc"]
     from mlflow.tracking import MlflowClient

@@ -16,6 +16,7 @@ from diffalign.actors.weight_sync import (
     compute_dtype,
     lowest_precision,
     make_packet,
+    packet_dtype,
     probe_outputs,
     verify_probe,
 )
@@ -178,3 +179,79 @@ def test_multi_module_packet_keys():
         assert all(torch.equal(sa[k], sb[k]) for k in sa if "lora_" in k)
     with pytest.raises(WeightMismatchError, match="text_encoder_1"):
         apply_packet(dst[:1] + [build_tiny_bundle("sd15", seed=0).text_encoders[0]], packet)
+
+
+def _full_unet(seed: int):
+    unet = build_tiny_bundle("sd15", seed=0).unet
+    if seed:  # a different fine-tune of the same architecture
+        with torch.no_grad():
+            g = torch.Generator().manual_seed(seed)
+            for p in unet.parameters():
+                p.add_(torch.randn(p.shape, generator=g) * 0.02)
+    return unet
+
+
+def test_bf16_packet_half_the_bytes_fingerprinted_strict_and_probe_checked():
+    sender, receiver = _full_unet(1), _full_unet(2)
+    p32 = make_packet(sender, version=4)
+    p16 = make_packet(sender, version=4, dtype=torch.bfloat16)
+    assert set(p16.weights) == set(p32.weights) == {n for n, _ in sender.named_parameters()}
+    assert all(t.dtype == torch.bfloat16 for t in p16.weights.values()) and p16.dtype == torch.bfloat16
+    assert p32.dtype == torch.float32 and all(t.dtype == torch.float32 for t in p32.weights.values())
+    assert p16.num_bytes * 2 == p32.num_bytes
+    assert packet_dtype("bf16") == torch.bfloat16 and packet_dtype("fp16") == torch.float16
+    assert packet_dtype("no") == torch.float32
+    # The fingerprint is of what is sent (the bf16 tensors), not of the fp32 weights.
+    assert p16.fingerprint == state_fingerprint(p16.weights) != p32.fingerprint
+    # The sender's own weights are untouched by the cast.
+    assert all(p.dtype == torch.float32 for p in sender.parameters())
+
+    tampered = WeightPacket(4, {k: v.clone() for k, v in p16.weights.items()}, False, p16.fingerprint)
+    next(iter(tampered.weights.values())).add_(1.0)
+    with pytest.raises(WeightSyncError, match="fingerprint"):
+        apply_packet(receiver, tampered)
+    partial = {k: v for k, v in p16.weights.items() if k != sorted(p16.weights)[3]}
+    with pytest.raises(WeightMismatchError, match="missing"):
+        apply_packet(receiver, WeightPacket(4, partial, False, state_fingerprint(partial)))
+
+    assert apply_packet(receiver, p16, expected_version=4) == 4
+    got = dict(receiver.named_parameters())
+    assert all(got[k].dtype == torch.float32 and torch.equal(got[k], v.float())
+               for k, v in p16.weights.items())
+
+    probe = ProbeBatch.build(sender, seed=0)
+    ref = probe_outputs(sender, probe)
+    out = probe_outputs(receiver, probe)
+    dtype = lowest_precision(compute_dtype(sender), compute_dtype(receiver), p16.dtype)
+    assert dtype == torch.bfloat16
+    ok16, err = verify_probe(out, ref, dtype)
+    assert ok16 and err > 0
+    assert not verify_probe(out, ref, torch.float32)[0], "bf16 rounding must exceed the fp32 tolerance"
+    metrics = SyncVerifier(probe_every=1).after_sync(4, [4], lambda: ref, lambda: [out], dtype=dtype)
+    assert metrics["sync/probe_max_abs_err"] == err
+
+    # Negative control: a consistent packet (fingerprint matches) of weights 10% off.
+    wrong = {k: v * 1.1 for k, v in p16.weights.items()}
+    apply_packet(receiver, WeightPacket(5, wrong, False, state_fingerprint(wrong)), expected_version=5)
+    with pytest.raises(WeightSyncError, match="probe outputs differ"):
+        SyncVerifier(probe_every=1).after_sync(5, [5], lambda: ref, lambda: [probe_outputs(receiver, probe)],
+                                               dtype=dtype)
+
+
+def test_lora_packet_sends_adapter_tensors_only(pair, receiver):
+    sender = pair[0]
+    lora_keys = set(_lora_keys(sender))
+    p16 = make_packet(sender, version=2, dtype=torch.bfloat16)
+    assert p16.lora and set(p16.weights) == lora_keys and all("lora_" in k for k in p16.weights)
+    assert all(t.dtype == torch.bfloat16 for t in p16.weights.values())
+    full_bytes = sum(p.numel() * p.element_size() for p in sender.parameters())
+    assert p16.num_bytes * 2 == make_packet(sender, 2).num_bytes and p16.num_bytes < full_bytes / 10
+    base_before = {k: v.clone() for k, v in receiver.named_parameters() if "lora_" not in k}
+    apply_packet(receiver, p16, expected_version=2)
+    after = dict(receiver.named_parameters())
+    assert all(torch.equal(base_before[k], after[k]) for k in base_before)  # base weights never sent
+    assert all(torch.equal(after[k], v.float()) for k, v in p16.weights.items())
+    probe = ProbeBatch.build(sender, seed=0)
+    ok, _ = verify_probe(probe_outputs(receiver, probe), probe_outputs(sender, probe),
+                         lowest_precision(torch.float32, p16.dtype))
+    assert ok

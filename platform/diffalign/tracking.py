@@ -1,7 +1,9 @@
 """MLflow tracking as a Trainer callback: params, per-step metrics, image grids, plots, weights.
 
 Defaults to a sqlite store under the run's output folder (mlflow 3 refuses a plain ./mlruns file
-store unless MLFLOW_ALLOW_FILE_STORE is set); any tracking URI can come from the config.
+store unless MLFLOW_ALLOW_FILE_STORE is set); any tracking URI can come from the config. A run whose
+`train.output_dir` is a storage URI (Ray learners: s3://...) logs to an MLflow server
+(`tracking.tracking_uri: http://...`), and its run record and final sample grid go to that URI.
 """
 
 from __future__ import annotations
@@ -17,9 +19,16 @@ from diffalign.config import RunConfig
 log = logging.getLogger(__name__)
 
 
+def _is_uri(path: str | Path) -> bool:
+    return isinstance(path, str) and "://" in path
+
+
 def tracking_uri(cfg: RunConfig) -> str:
     if cfg.tracking.tracking_uri:
         return cfg.tracking.tracking_uri
+    if _is_uri(cfg.train.output_dir):  # refused at config load too (config/validate.py)
+        raise ValueError(f"tracking.tracking_uri is required with train.output_dir={cfg.train.output_dir!r}: "
+                         "a sqlite store cannot live on object storage; use an MLflow server")
     out = Path(cfg.train.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{out / 'mlflow.db'}"
@@ -27,6 +36,16 @@ def tracking_uri(cfg: RunConfig) -> str:
 
 ARTIFACTS_DIR = "mlartifacts"  # beside the run's sqlite store: <output_dir>/mlartifacts by default
 FINAL_SAMPLES = Path("samples") / "final.png"  # the last sample grid, under <output_dir> besides MLflow
+
+
+def output_path(cfg: RunConfig, relative: str | Path) -> str | Path:
+    """`<train.output_dir>/<relative>`: a Path for a local folder, a URI string for a storage URI."""
+    out = cfg.train.output_dir
+    if _is_uri(out):
+        from diffalign.data import uri
+
+        return uri.join(out, *Path(relative).parts)
+    return Path(out) / relative
 
 
 def artifact_location(uri: str) -> str | None:
@@ -117,18 +136,27 @@ class MlflowTracker:
     def on_end(self, trainer, summary: dict) -> None:
         self.log_data_issues(trainer)
         self.log_images(trainer, f"samples/step_{trainer.step:06d}.png",
-                        save_to=Path(self.cfg.train.output_dir) / FINAL_SAMPLES)
+                        save_to=output_path(self.cfg, FINAL_SAMPLES))
         self.log_bins(trainer)
         self.mlflow.log_dict({k: float(v) for k, v in summary.items()}, "summary.json")
 
     # --- helpers
-    def log_images(self, trainer, name: str, save_to: Path | None = None) -> None:
+    def log_images(self, trainer, name: str, save_to: str | Path | None = None) -> None:
         try:
             grid = trainer.sample_images()
         except Exception as e:  # sampling must never kill training; say why it failed
             log.warning("sample grid failed: %s", e)
             return
-        if save_to is not None:  # also a plain file in the run folder
+        if _is_uri(save_to):  # a whole object, written once
+            import io
+
+            from diffalign.data import uri
+
+            buf = io.BytesIO()
+            grid.save(buf, format="PNG")
+            uri.write_bytes_atomic(save_to, buf.getvalue())
+        elif save_to is not None:  # also a plain file in the run folder
+            save_to = Path(save_to)
             save_to.parent.mkdir(parents=True, exist_ok=True)
             grid.save(save_to)
         self.mlflow.log_image(grid, name)
@@ -166,18 +194,29 @@ def attached_tracker(trainer) -> MlflowTracker | None:
 RUN_RECORD = "mlflow_run.json"
 
 
-def record_path(cfg: RunConfig) -> Path:
-    return Path(cfg.train.output_dir) / RUN_RECORD
+def record_path(cfg: RunConfig) -> str | Path:
+    """`<train.output_dir>/mlflow_run.json`, wherever the output dir is (a URI: shared by every node,
+    so a learner that Ray restarts elsewhere, and a rerun, continue the same MLflow run)."""
+    return output_path(cfg, RUN_RECORD)
 
 
 def read_record(cfg: RunConfig) -> dict:
     """{"run_id", "status", "weights"} of the run in cfg.train.output_dir ({} if none yet)."""
     path = record_path(cfg)
+    if _is_uri(path):
+        from diffalign.data import uri
+
+        return json.loads(uri.read_bytes(path)) if uri.exists(path) else {}
     return json.loads(path.read_text()) if path.exists() else {}
 
 
 def write_record(cfg: RunConfig, record: dict) -> None:
     path = record_path(cfg)
+    if _is_uri(path):
+        from diffalign.data import uri
+
+        uri.write_bytes_atomic(path, json.dumps(record, indent=2).encode())  # an object is whole or absent
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(record, indent=2))
@@ -187,8 +226,22 @@ def write_record(cfg: RunConfig, record: dict) -> None:
 def prepare_record(cfg: RunConfig, resuming: bool) -> None:
     """Before a run starts: a fresh run gets a fresh MLflow run (an earlier run's record is dropped);
     a resumed Ray run continues the MLflow run it had."""
-    if not resuming:
-        record_path(cfg).unlink(missing_ok=True)
+    if resuming:
+        return
+    path = record_path(cfg)
+    if _is_uri(path):
+        from diffalign.data import uri
+
+        if uri.exists(path):
+            uri.delete_file(path)
+        return
+    path.unlink(missing_ok=True)
+
+
+def published_weights(cfg: RunConfig, weights: Path) -> str:
+    """Where the final weights of a run are kept: `weights` itself, or, for a URI output dir, the
+    copy of that folder under it (`<output_dir>/<name>`, uploaded by the Ray learner)."""
+    return str(output_path(cfg, weights.name)) if _is_uri(cfg.train.output_dir) else str(weights)
 
 
 def mark_failed(cfg: RunConfig) -> None:
@@ -252,9 +305,9 @@ class MlflowRun:
 
     def on_weights_saved(self, trainer, weights: Path) -> None:
         self.tracker.log_artifacts(weights, f"weights/{weights.name}")
-        self.close("FINISHED", weights)
+        self.close("FINISHED", published_weights(self.cfg, weights))
 
-    def close(self, status: str, weights: Path | None = None) -> None:
+    def close(self, status: str, weights: str | Path | None = None) -> None:
         if self.tracker is None or self.closed:
             return
         self.closed = True
@@ -268,5 +321,5 @@ class MlflowRun:
             record.update(status="RUNNING", end_as=status)
         try:
             write_record(self.cfg, record)
-        except OSError as e:
+        except OSError as e:  # pyarrow's storage errors are OSErrors too
             log.error("could not write %s: %s", record_path(self.cfg), e)

@@ -180,6 +180,9 @@ class TrainConfig:
     ema_decay: float | None = None
     resume: bool = True
     progress: bool = True
+    # Ray learners with a URI train.output_dir: each worker's local scratch (the final weights before
+    # they are uploaded, score images). None -> a folder under the system temp dir.
+    local_dir: str | None = None
 
 
 @dataclass
@@ -191,6 +194,12 @@ class GuardConfig:
     spike_min_history: int = 20
     lr_factor: float = 0.5  # lr multiplier after a rollback
     max_rollbacks: int = 5
+    # Ray learners: the local folder holding each worker's one rollback checkpoint (trainable weights,
+    # optimizer and loop state). None -> a folder under the system temp dir.
+    rollback_dir: str | None = None
+    # Largest rollback checkpoint (MB) a Ray learner may keep there, estimated at worker start; a
+    # bigger one fails the run naming this field. 0: no bound.
+    rollback_max_mb: float = 0.0
 
 
 @dataclass
@@ -219,6 +228,14 @@ class SamplerPoolConfig:
     max_restarts: int = 3
     inference_steps: int = 8
     guidance_scale: float = 5.0
+    # Longest wait of a sampler actor for the weight board to publish the policy version a request
+    # needs (rank 0 publishes it after its step), and for that packet to arrive.
+    board_timeout_s: float = 300.0
+
+
+# ray.placement and ray.learner_strategy (Ray placement group strategies)
+RAY_PLACEMENTS = ("separate", "colocated")
+LEARNER_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 
 
 @dataclass
@@ -232,6 +249,13 @@ class RayConfig:
     offload_optimizer: bool = False
     use_gpu: bool = False
     cpus_per_learner: float = 1.0
+    # GPUs of each learner when use_gpu: a fraction <= 1 lets learners share a GPU, above 1 whole numbers
+    gpus_per_learner: float = 1.0
+    # The Ray Train workers' placement group strategy: PACK | SPREAD | STRICT_PACK | STRICT_SPREAD
+    learner_strategy: str = "PACK"
+    # Side actors (samplers, reference actor): "separate" packs them in their own group wherever they
+    # fit; "colocated" packs them all onto one node, preferring the learners' (actors/placement.py).
+    placement: str = "separate"
     max_failures: int = 1
     storage_path: str | None = None  # None -> <output_dir>/ray
     reference_cpus: float = 1.0

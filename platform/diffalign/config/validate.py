@@ -17,9 +17,11 @@ from pathlib import Path
 from diffalign.config.schema import (
     DATA_KINDS,
     LATENT_SAMPLING,
+    LEARNER_STRATEGIES,
     ONLINE_MODES,
     PREPARE_DTYPES,
     PREPARE_LATENTS,
+    RAY_PLACEMENTS,
     STYLE_PRESET_NAMES,
     ConfigError,
     RunConfig,
@@ -125,6 +127,7 @@ NUMERIC_BOUNDS: dict[str, Bound] = {
     "guard.spike_min_history": _at_least(2, "a standard deviation needs 2 losses"),
     "guard.lr_factor": Bound(0, 1, lo_open=True),
     "guard.max_rollbacks": _at_least(0, "0: give up at the first rollback"),
+    "guard.rollback_max_mb": _at_least(0, "0: no bound"),
     "tracking.num_sample_prompts": _COUNT,
     "tracking.sample_steps": _COUNT,
     "tracking.score_num_prompts": _COUNT,
@@ -132,6 +135,7 @@ NUMERIC_BOUNDS: dict[str, Bound] = {
     "ray.num_learners": _COUNT,
     "ray.zero_stage": Bound(0, 3),
     "ray.cpus_per_learner": _POSITIVE,
+    "ray.gpus_per_learner": _RESOURCE,
     "ray.max_failures": _at_least(-1, "-1: retry without limit, as Ray Train's FailureConfig"),
     "ray.reference_cpus": _RESOURCE,
     "ray.reference_gpus": _RESOURCE,
@@ -145,6 +149,7 @@ NUMERIC_BOUNDS: dict[str, Bound] = {
     "ray.sampler.max_restarts": _at_least(0),
     "ray.sampler.inference_steps": _COUNT,
     "ray.sampler.guidance_scale": _at_least(0),
+    "ray.sampler.board_timeout_s": _POSITIVE,
     "online.max_staleness": _at_least(0),
     "online.buffer_size": _COUNT,
     "online.samples_per_request": _COUNT,
@@ -427,6 +432,14 @@ def validate(cfg: RunConfig, check_paths: bool = True) -> None:
     ray = cfg.ray
     _choice(ray.backend, ("ddp", "deepspeed"), "ray.backend")
     _choice(ray.zero_stage, (0, 1, 2, 3), "ray.zero_stage")
+    _choice(ray.placement, RAY_PLACEMENTS, "ray.placement")
+    _choice(ray.learner_strategy, LEARNER_STRATEGIES, "ray.learner_strategy")
+    if ray.use_gpu and ray.gpus_per_learner == 0:
+        raise ConfigError("ray.gpus_per_learner must be > 0 with ray.use_gpu=true (set ray.use_gpu=false "
+                          "for CPU learners)")
+    if ray.gpus_per_learner > 1 and not float(ray.gpus_per_learner).is_integer():
+        raise ConfigError(f"ray.gpus_per_learner={ray.gpus_per_learner}: a fraction of a GPU must be <= 1; "
+                          "above one GPU use whole numbers")
     if ray.num_learners < 1:
         raise ConfigError(f"ray.num_learners must be >= 1, got {ray.num_learners}")
     if ray.sampler.num < 0 or ray.sampler.sync_every < 1:
@@ -455,6 +468,36 @@ def validate(cfg: RunConfig, check_paths: bool = True) -> None:
     _validate_build(cfg, check_paths)
     _validate_eval(cfg, check_paths)
     _validate_prepare(cfg)
+    _validate_storage(cfg)
+
+
+def _is_uri(value: str | None) -> bool:
+    # As diffalign.data.uri.is_uri (diffalign.config must not import diffalign.data).
+    return isinstance(value, str) and "://" in value
+
+
+def _validate_storage(cfg: RunConfig) -> None:
+    """Where a run writes: a URI train.output_dir (s3://, gs://, ...) only for Ray learners, whose
+    workers publish into it; what must stay local; a tracking store that can live beside it."""
+    t = cfg.train
+    for path, value in (("train.local_dir", t.local_dir), ("guard.rollback_dir", cfg.guard.rollback_dir)):
+        if value is not None and (_is_uri(value) or not str(value).strip()):
+            raise ConfigError(f"{path}={value!r} must be a local folder (each worker's own scratch), "
+                              "not a URI or an empty string")
+    if not _is_uri(t.output_dir):
+        return
+    if not cfg.ray.enabled:
+        raise ConfigError(
+            f"train.output_dir={t.output_dir!r} is a URI, which only Ray learners (ray.enabled=true) can "
+            "train into: a one-process run keeps its checkpoints and lock as local files. Use a local "
+            "folder, or set ray.enabled=true")
+    uri = cfg.tracking.tracking_uri
+    if cfg.tracking.mlflow and (not uri or uri.startswith("sqlite:")):
+        raise ConfigError(
+            f"tracking.tracking_uri={uri!r} with train.output_dir={t.output_dir!r}: a sqlite store "
+            "(the default, under train.output_dir) cannot live on object storage. Point "
+            "tracking.tracking_uri at an MLflow server (http://host:5000, started with --serve-artifacts "
+            "--artifacts-destination s3://...), or set tracking.mlflow=false")
 
 
 def _validate_eval(cfg: RunConfig, check_paths: bool) -> None:
