@@ -390,14 +390,7 @@ class PublishWeights(Callback):
 
 def upload(local: str | Path, dest: str) -> None:
     """Copies a local file or folder to `dest` (a URI or a local path), streaming each file."""
-    import pyarrow.fs as pafs
-
-    fs, inner = uri.filesystem(dest)
-    local = Path(local)
-    if local.is_dir():
-        fs.create_dir(inner, recursive=True)
-    pafs.copy_files(str(local.absolute()), inner, source_filesystem=pafs.LocalFileSystem(),
-                    destination_filesystem=fs)
+    uri.copy(Path(local).absolute(), dest)
 
 
 def rollback_checkpoint_bytes(trainer) -> int:
@@ -643,8 +636,8 @@ def _train_with_ray(cfg: RunConfig, callbacks_factory: Callable[[RunConfig, int]
     return {
         "metrics": final.get("metrics", dict(result.metrics or {})),
         "step": final.get("step"),
-        "checkpoint": result.checkpoint.path if result.checkpoint is not None else None,
-        "path": result.path,
+        "checkpoint": _on_storage(cfg, result.checkpoint.path) if result.checkpoint is not None else None,
+        "path": _on_storage(cfg, result.path),
         "rank_fingerprints": final.get("rank_fingerprints"),
         "ranks_in_sync": final.get("ranks_in_sync"),
         "optimizer_steps": final.get("optimizer_steps"),
@@ -671,6 +664,15 @@ def worker_config_error(exc: BaseException | None) -> ConfigError | None:
         todo += [getattr(e, "cause", None), getattr(e, "controller_failure", None), e.__cause__,
                  e.__context__]
     return None
+
+
+def _on_storage(cfg: RunConfig, path: str) -> str:
+    """A path Ray Train reports inside its storage filesystem, as a URI again when the storage is one
+    (Ray gives `bucket/prefix/...` for `s3://bucket/prefix`)."""
+    store = storage_path(cfg)
+    if not uri.is_uri(store) or uri.is_uri(path):
+        return path
+    return f"{store.split('://', 1)[0]}://{path}"
 
 
 def read_step_log(path: str | Path) -> list[dict]:

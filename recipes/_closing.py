@@ -6,17 +6,29 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from diffalign.data.uri import exists, is_uri, join
+
 RECIPES = Path(__file__).resolve().parent
 TINY_ASSETS = "runs/tiny-assets"  # where `python -m diffalign.models.tiny.export` writes by default
 
 
 def _show(path: str | Path) -> str:
-    """A path as the user can type it here: relative to the current directory when under it."""
+    """A path as the user can type it here: relative to the current directory when under it; a URI
+    (s3://...) as it is."""
+    if is_uri(str(path)):
+        return str(path)
     p = Path(path).resolve()
     try:
         return str(p.relative_to(Path.cwd().resolve()))
     except ValueError:
         return str(p)
+
+
+def _exists(path: str) -> bool:
+    try:
+        return exists(path)
+    except OSError:  # storage that does not answer here: the block names what it knows
+        return False
 
 
 def _base_model(cfg) -> tuple[str, list[str]]:
@@ -32,13 +44,18 @@ def _base_model(cfg) -> tuple[str, list[str]]:
 
 
 def closing_block(cfg, summary: dict, extra: tuple[str, ...] = ()) -> str:
-    out = Path(cfg.train.output_dir)
+    out = cfg.train.output_dir
     lines = [f"==== done: {_show(out)} ===="]
     weights = summary.get("weights")
     pipe_cls = "StableDiffusionXLPipeline" if cfg.model.family == "sdxl" else "StableDiffusionPipeline"
     base, note = _base_model(cfg)
     if weights:
         w = _show(weights)
+        if is_uri(w):  # diffusers loads local folders: fetch a copy first
+            local = f"runs/{w.rstrip('/').rsplit('/', 1)[-1]}-{Path(str(out).rstrip('/')).name}"
+            lines += [f"weights on storage: {w}", "copy them here:",
+                      f"    python -m diffalign.data.uri copy {w} {local}"]
+            w = local
         if cfg.model.finetune == "lora":
             lines += [f"weights (LoRA, diffusers format): {w}", "load them in diffusers:",
                       f"    from diffusers import {pipe_cls}",
@@ -52,8 +69,8 @@ def closing_block(cfg, summary: dict, extra: tuple[str, ...] = ()) -> str:
         lines += note
     else:
         lines.append("weights: none saved by this run")
-    final = out / "samples" / "final.png"
-    if final.exists():
+    final = join(out, "samples", "final.png")
+    if _exists(final):
         lines.append(f"final samples: {_show(final)}")
     lines += list(extra)
     run_id = summary.get("mlflow_run_id")
@@ -63,10 +80,15 @@ def closing_block(cfg, summary: dict, extra: tuple[str, ...] = ()) -> str:
         uri = tracking_uri(cfg)
         if uri.startswith("sqlite:///"):
             uri = "sqlite:///" + _show(uri[len("sqlite:///"):])
-        report, png = _show(RECIPES / "report.py"), _show(out / "report.png")
-        lines += [f"look at the run (MLflow run {run_id}):",
-                  f"    mlflow ui --backend-store-uri {uri}",
-                  f"    python {report} --run {run_id} --tracking-uri {uri} --out {png}"]
+        # The report is a local file; next to a URI output dir it goes to the current directory.
+        report = _show(RECIPES / "report.py")
+        png = "report.png" if is_uri(out) else _show(Path(out) / "report.png")
+        lines.append(f"look at the run (MLflow run {run_id}):")
+        if uri.startswith(("http://", "https://")):  # a tracking server: its own UI
+            lines.append(f"    open {uri} (experiment {cfg.tracking.experiment!r}, run {run_id})")
+        else:
+            lines.append(f"    mlflow ui --backend-store-uri {uri}")
+        lines.append(f"    python {report} --run {run_id} --tracking-uri {uri} --out {png}")
     elif not cfg.tracking.mlflow:
         lines.append("MLflow tracking was off (tracking.mlflow=false)")
     return os.linesep.join(lines)

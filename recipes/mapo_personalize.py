@@ -5,18 +5,20 @@ weights that plain diffusers loads with `pipe.load_lora_weights(...)` and a grid
     python recipes/mapo_personalize.py --config configs/tiny/mapo_personalize.yaml
     ray job submit --address http://127.0.0.1:8265 -- \
         python recipes/mapo_personalize.py --config configs/tiny/mapo_personalize.yaml
-    # learners as Ray Train workers (rank 0 owns the sampler pool):
+    # learners as Ray Train workers (the driver owns the sampler actors; each learner asks for its own
+    # rejected samples):
     python recipes/mapo_personalize.py --config configs/tiny/mapo_personalize.yaml \
         --set ray.enabled=true --set ray.num_learners=2
 """
 
 from __future__ import annotations
 
+import io
 import json
-from pathlib import Path
 
 from _closing import print_closing_block
 from _common import parse_args
+from diffalign.data import uri
 
 HELDOUT = ["{} on a sandy beach", "{} in a field of wildflowers", "{} in the snow",
            "{} next to a lantern at dusk"]
@@ -24,17 +26,22 @@ HELDOUT = ["{} on a sandy beach", "{} in a field of wildflowers", "{} in the sno
 
 class HeldoutGrid:
     """Trainer callback: the final policy on held-out prompts, rendered before the samplers shut down;
-    saved next to the weights and logged to the run's MLflow record."""
+    saved next to the weights (a local folder or a storage URI) and logged to the run's MLflow record."""
 
     def __init__(self, subject_prompt: str, out_dir: str) -> None:
-        self.subject_prompt, self.out_dir = subject_prompt, Path(out_dir)
+        self.subject_prompt, self.out_dir = subject_prompt, out_dir
+
+    @property
+    def path(self) -> str:
+        return uri.join(self.out_dir, "heldout_grid.png")
 
     def on_end(self, trainer, summary: dict) -> None:
         from diffalign.tracking import attached_tracker
 
         grid = trainer.sample_images([p.format(self.subject_prompt) for p in HELDOUT])
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        grid.save(self.out_dir / "heldout_grid.png")
+        png = io.BytesIO()
+        grid.save(png, format="PNG")
+        uri.write_bytes_atomic(self.path, png.getvalue())
         if (tracker := attached_tracker(trainer)) is not None:
             tracker.mlflow.log_image(grid, "samples/heldout_prompts.png")
 
@@ -61,7 +68,8 @@ def main() -> None:
         out = train_with_ray(cfg, callbacks_factory=GridOnRankZero(grid))
         summary = {**out["metrics"], "final_step": out["step"], "weights": out["weights"],
                    "mlflow_run_id": out["mlflow_run_id"], "checkpoint": out["checkpoint"]}
-        (Path(cfg.train.output_dir) / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        uri.write_bytes_atomic(uri.join(cfg.train.output_dir, "summary.json"),
+                               json.dumps(summary, indent=2, default=str).encode())
     else:  # the learner in this process, the samplers on Ray
         import torch
         from diffalign.train.driver import run
@@ -71,7 +79,7 @@ def main() -> None:
         summary = run(cfg, device=device, data=OnlineData(), callbacks=[grid])
     print(json.dumps({k: v for k, v in summary.items() if not k.startswith("bins/")}, indent=2, default=str))
     # Weights, how to load them, the held-out grid, how to look at the run.
-    print_closing_block(cfg, summary, extra=(f"held-out grid: {grid.out_dir / 'heldout_grid.png'}",))
+    print_closing_block(cfg, summary, extra=(f"held-out grid: {grid.path}",))
 
 
 if __name__ == "__main__":

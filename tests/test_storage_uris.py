@@ -264,3 +264,94 @@ def test_ray_learners_read_an_s3_parquet_and_refuse_a_large_rollback(ray_local, 
     with pytest.raises(ConfigError, match=r"guard\.rollback_max_mb=0\.01: one rollback checkpoint"):
         train_with_ray(tiny_cfg(*data, f"train.output_dir={tmp_path}/refused", "guard.enabled=true",
                                 "guard.rollback_max_mb=0.01", "ray.max_failures=0"))
+
+
+def test_target_images_folder_on_s3_reads_like_a_local_one(s3_server, tmp_path):
+    """Online runs take their target images (data.path) from object storage too: the same items as
+    the local folder, and an unreadable object named and left out as locally."""
+    from diffalign.data.files import ImageFolderDataset
+    from PIL import Image
+
+    local = tmp_path / "targets"
+    local.mkdir()
+    for i, color in enumerate(["red", "blue", "green"]):
+        Image.new("RGB", (24, 20), color).save(local / f"{i}.png")
+    (local / "bad.jpg").write_bytes(b"not a jpeg")
+    bucket = s3_server.make_bucket("targets")
+    uri.copy(local, f"{bucket}/subject")
+    a = ImageFolderDataset(local, "a photo of sks dog", resolution=16, seed=3)
+    b = ImageFolderDataset(f"{bucket}/subject", "a photo of sks dog", resolution=16, seed=3)
+    assert len(a) == len(b) == 3 and a.issues.total == b.issues.total == 1
+    assert f"{bucket}/subject/bad.jpg" in b.issues.report()
+    for x, y in zip(a, b):
+        assert x["prompt"] == y["prompt"] and torch.equal(x["image"], y["image"])
+    with pytest.raises(FileNotFoundError, match="image folder not found"):
+        ImageFolderDataset(f"{bucket}/missing", "a photo of sks dog", resolution=16)
+
+
+def test_waiting_for_an_mlflow_server_is_bounded_and_names_it():
+    import socket
+    import time
+
+    from diffalign.tracking import wait_for_server
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens there once closed
+    t0 = time.monotonic()
+    with pytest.raises(ConnectionError, match=rf"127\.0\.0\.1:{port}.*tracking\.tracking_uri.*within 2 s"):
+        wait_for_server(f"http://127.0.0.1:{port}", timeout_s=2)
+    assert time.monotonic() - t0 < 15
+
+
+def test_waiting_for_a_live_mlflow_server_returns(mlflow_server):  # noqa: F811
+    from diffalign.tracking import wait_for_server
+
+    wait_for_server(mlflow_server.uri, timeout_s=5)
+
+
+@pytest.mark.slow
+def test_online_personalization_on_s3_targets_output_and_mlflow_server(
+        ray_local, s3_server, mlflow_server, tiny_cfg, tmp_path, monkeypatch):  # noqa: F811
+    """The README's cluster personalization command on the tiny model: target images, Ray storage and
+    the output dir on S3, MLflow on the server; the recipe's held-out grid callback on rank 0."""
+    import sys
+
+    import ray.cloudpickle
+    from diffalign.actors.learner import train_with_ray
+    from mlflow.tracking import MlflowClient
+    from PIL import Image
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
+    import mapo_personalize
+    from mapo_personalize import GridOnRankZero, HeldoutGrid
+
+    # As when the recipe runs as __main__: its callback classes travel by value to the workers.
+    ray.cloudpickle.register_pickle_by_value(mapo_personalize)
+
+    monkeypatch.chdir(tmp_path)
+    bucket = s3_server.make_bucket("personalize")
+    for i in range(3):
+        Image.new("RGB", (32, 32), (200, 20 * i, 10)).save(tmp_path / f"t{i}.png")
+        uri.copy(tmp_path / f"t{i}.png", f"{bucket}/targets/t{i}.png")
+    out_dir = f"{bucket}/runs/personalize"
+    cfg = tiny_cfg("model.finetune=lora", "model.lora_rank=4", "objective.name=mapo",
+                   "reference.strategy=none", "data.kind=folder", f"data.path={bucket}/targets",
+                   "data.prompt=a photo of sks thing",
+                   "online.enabled=true", "online.max_staleness=2", "ray.sampler.num=1",
+                   "ray.sampler.inference_steps=2", "optim.batch_size=2", "train.max_steps=3",
+                   "train.checkpoint_every=3", "ray.enabled=true", f"train.output_dir={out_dir}",
+                   f"ray.storage_path={bucket}/ray", "tracking.mlflow=true",
+                   f"tracking.tracking_uri={mlflow_server.uri}", "tracking.experiment=personalize-s3",
+                   f"train.local_dir={tmp_path}/scratch")
+    grid = HeldoutGrid(cfg.data.prompt, out_dir)
+    out = train_with_ray(cfg, callbacks_factory=GridOnRankZero(grid))
+
+    assert out["step"] == 3 and out["weights"] == f"{out_dir}/lora"
+    assert out["metrics"]["online/staleness_max"] <= 2 and 0 <= out["metrics"]["online/sync_share"] <= 1
+    assert any(f.endswith(".safetensors") for f in uri.list_files(f"{out_dir}/lora"))
+    assert uri.read_bytes(grid.path)[:8] == b"\x89PNG\r\n\x1a\n"  # the held-out grid, on S3
+    client = MlflowClient(tracking_uri=mlflow_server.uri)
+    runs = client.search_runs([client.get_experiment_by_name("personalize-s3").experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert not any(p.name.startswith("s3") for p in tmp_path.iterdir())

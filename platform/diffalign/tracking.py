@@ -58,9 +58,40 @@ def artifact_location(uri: str) -> str | None:
     return (db.parent.resolve() / ARTIFACTS_DIR).as_uri()
 
 
+SERVER_WAIT_S = 120.0  # a tracking server started next to the job: its imports take tens of seconds
+
+
+def wait_for_server(uri: str, timeout_s: float = SERVER_WAIT_S) -> None:
+    """Waits (bounded) until the MLflow tracking server at `uri` answers its /health endpoint; raises
+    ConnectionError naming it otherwise. MLflow's own retries would give up with a less clear error."""
+    import time
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + timeout_s
+    announced, last = False, "no answer"
+    while True:
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5) as reply:
+                if reply.status == 200:
+                    return
+                last = f"HTTP {reply.status}"
+        except (urllib.error.URLError, OSError) as exc:
+            last = exc
+        if time.monotonic() >= deadline:
+            raise ConnectionError(f"the MLflow tracking server {uri} (tracking.tracking_uri) did not answer "
+                                  f"{uri.rstrip('/')}/health within {timeout_s:g} s: {last}")
+        if not announced:
+            log.info("waiting up to %g s for the MLflow tracking server at %s", timeout_s, uri)
+            announced = True
+        time.sleep(1.0)
+
+
 def use_experiment(mlflow, name: str, uri: str) -> str:
     """Makes `name` the active experiment of the store at `uri`, creating it with its artifacts under
     `artifact_location(uri)`; an existing experiment keeps the location it has. Returns its id."""
+    if uri.startswith(("http://", "https://")):
+        wait_for_server(uri)
     mlflow.set_tracking_uri(uri)
     experiment = mlflow.get_experiment_by_name(name)
     if experiment is None:

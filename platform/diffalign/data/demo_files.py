@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from diffalign.data import uri
+
 
 def _jpeg(rgb: np.ndarray, quality: int) -> bytes:
     from PIL import Image
@@ -58,8 +60,14 @@ def write_pickapic_parquet(path: str | Path, pairs: int, *, image_size: int = 16
             jpg0.append(w), jpg1.append(lose), labels.append(0.5)
     table = pa.table({"caption": captions, "jpg_0": pa.array(jpg0, pa.binary()),
                       "jpg_1": pa.array(jpg1, pa.binary()), "label_0": labels})
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(table, str(path), row_group_size=row_group_size, use_dictionary=False, compression="none")
+    if uri.is_uri(path):  # object storage: the whole file in one write
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink, row_group_size=row_group_size, use_dictionary=False, compression="none")
+        uri.write_bytes_atomic(path, sink.getvalue().to_pybytes())
+    else:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(table, str(path), row_group_size=row_group_size, use_dictionary=False,
+                       compression="none")
     nbytes = sum(map(len, jpg0)) + sum(map(len, jpg1))
     return {"rows": len(captions), "pairs": pairs, "bytes": nbytes,
             "bytes_per_pair": nbytes / max(1, len(captions))}
@@ -120,7 +128,7 @@ def _embedding_shapes(bundle) -> tuple[tuple[int, ...], tuple[int, ...] | None]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("out", help="parquet file to write")
+    p.add_argument("out", help="parquet file to write (a local path or a URI: s3://...)")
     p.add_argument("--pairs", type=int, default=512)
     p.add_argument("--image-size", type=int, default=16)
     p.add_argument("--row-group-size", type=int, default=64)

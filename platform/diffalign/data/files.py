@@ -205,8 +205,10 @@ class ImageFolderDataset(EpochItems):
         on_error: str = "skip",
         max_examples: int = 5,
     ) -> None:
-        self.folder = Path(folder)
-        if not self.folder.is_dir():
+        # A storage URI (s3://...) too: the few target images are then read once and kept as bytes.
+        self.folder = folder if uri.is_uri(folder) else Path(folder)
+        self._bytes: dict[str, bytes] = {}
+        if not (uri.is_dir(folder) if uri.is_uri(folder) else self.folder.is_dir()):
             raise FileNotFoundError(f"image folder not found: {self.folder}")
         if not isinstance(prompt, str) or not prompt.strip():
             raise ValueError("prompt must be a non-empty string")
@@ -216,14 +218,19 @@ class ImageFolderDataset(EpochItems):
         self.epoch = 0
         self.on_error = check_on_error(on_error)
         self.issues = DataIssues(max_examples)
-        candidates = sorted(
-            p for p in self.folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-        )
-        self.paths: list[Path] = []
+        if isinstance(self.folder, Path):
+            candidates: list = sorted(
+                p for p in self.folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+            )
+        else:
+            candidates = [f for f in uri.list_files(self.folder)
+                          if Path(uri.strip_query(f)).suffix.lower() in IMAGE_EXTENSIONS]
+            self._bytes = {f: uri.read_bytes(f) for f in candidates}
+        self.paths: list = []
         for path in candidates:
             self.issues.rows_seen += 1
             try:
-                decode_image(path)
+                decode_image(self._source(path))
             except Exception as e:  # any decoder failure means the file is unusable
                 message = describe(str(path), None, None, f"unreadable image: {type(e).__name__}: {e}")
                 if self.on_error == "raise":
@@ -250,5 +257,9 @@ class ImageFolderDataset(EpochItems):
     def __len__(self) -> int:
         return len(self.paths)
 
+    def _source(self, path: str | Path) -> str | Path | bytes:
+        return self._bytes.get(path, path) if isinstance(path, str) else path
+
     def _make_item(self, i: int, rng: random.Random) -> dict[str, Any]:
-        return {"prompt": self.prompt, **self.transform.single(decode_image(self.paths[i]), rng)}
+        image = decode_image(self._source(self.paths[i]))
+        return {"prompt": self.prompt, **self.transform.single(image, rng)}

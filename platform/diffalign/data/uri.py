@@ -218,3 +218,65 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> None:
 def delete_file(path: str | Path) -> None:
     fs, inner = filesystem(path)
     fs.delete_file(inner)
+
+
+def make_dir(path: str, wait_s: float = 0.0) -> None:
+    """Creates folder `path` (for `s3://bucket`, the bucket), retrying for up to `wait_s` seconds while
+    the storage does not answer yet (a server that was just started)."""
+    import time
+
+    target = path
+    if target.startswith("s3://") and "?" not in target:
+        target += "?allow_bucket_creation=true"  # pyarrow refuses to create buckets otherwise
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            fs, inner = filesystem(target)
+            fs.create_dir(inner, recursive=True)
+            return
+        except OSError as exc:
+            if time.monotonic() >= deadline:
+                where = os.environ.get("AWS_ENDPOINT_URL", "the default endpoint")
+                raise OSError(f"could not create {path} within {wait_s:g} s (S3 endpoint: {where}): "
+                              f"{exc}") from exc
+            time.sleep(0.5)
+
+
+def copy(src: str | Path, dest: str | Path) -> None:
+    """Copies a file or folder from `src` to `dest`, either side local or a URI, streaming each file."""
+    import pyarrow.fs as pafs
+
+    src_fs, src_inner = filesystem(src)
+    dest_fs, dest_inner = filesystem(dest)
+    if src_fs.get_file_info(src_inner).type == pafs.FileType.Directory:
+        dest_fs.create_dir(dest_inner, recursive=True)
+    elif posixpath.dirname(dest_inner):
+        dest_fs.create_dir(posixpath.dirname(dest_inner), recursive=True)
+    pafs.copy_files(src_inner, dest_inner, source_filesystem=src_fs, destination_filesystem=dest_fs)
+
+
+def main() -> None:
+    import argparse
+
+    p = argparse.ArgumentParser(description="Storage URIs: make a folder or bucket (`mkdir PATH`), copy a "
+                                "file or folder between local paths and URIs (`copy SRC DEST`).")
+    p.add_argument("command", choices=["mkdir", "copy"])
+    p.add_argument("paths", nargs="+", help="local paths or URIs (s3://bucket/prefix)")
+    p.add_argument("--wait", type=float, default=0.0, help="mkdir: seconds to wait for the storage to answer")
+    args = p.parse_args()
+    want = 1 if args.command == "mkdir" else 2
+    if len(args.paths) != want:
+        p.error(f"{args.command} takes {want} path(s), got {len(args.paths)}")
+    try:
+        if args.command == "mkdir":
+            make_dir(args.paths[0], args.wait)
+            print(f"made {args.paths[0]}")
+        else:
+            copy(*args.paths)
+            print(f"copied {args.paths[0]} -> {args.paths[1]}")
+    except OSError as exc:
+        raise SystemExit(f"error: {exc}") from None
+
+
+if __name__ == "__main__":
+    main()
