@@ -569,55 +569,59 @@ def _train_with_ray(cfg: RunConfig, callbacks_factory: Callable[[RunConfig, int]
     # One placement group of this driver for the side actors (samplers, reference actor), one bundle
     # each; Ray Train places the learners in its own group. Removed in the `finally` below.
     placement = SidePlacement(cfg).start(layout.side_target)
-    actor = None
-    if cfg.reference.placement == "actor" and cfg.reference.strategy != "none":
-        from diffalign.actors.reference_actor import spawn_reference_actor
-
-        actor = spawn_reference_actor(cfg, fresh=True, **placement.actor_options("reference"))
-    board, samplers = None, []
-    if cfg.online.enabled:  # the driver owns them: they outlive any learner attempt Ray Train restarts
-        from diffalign.actors.sampler import create_samplers
-
-        board, samplers = create_samplers(cfg, options_for=lambda i: placement.actor_options("sampler", i))
-    name = run_name(cfg)
-    records = records_dir(cfg, name)
-    final_path = uri.join(records, FINAL_JSON)
-    if uri.exists(final_path):  # never report an earlier run's summary (Ray resumes a run of this name)
-        uri.delete_file(final_path)
-    if cfg.tracking.mlflow:  # rank 0's MlflowRun logs one MLflow run; a restarted worker continues it
-        tracking.prepare_record(cfg, resuming=uri.exists(uri.join(storage_path(cfg), name)))
-    r = cfg.ray
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"cfg": cfg, "fault": fault, "callbacks_factory": callbacks_factory,
-                           "reference_actor": actor, "save_weights": save_weights, "records": records,
-                           "sampler_actors": samplers or None, "weight_board": board},
-        torch_config=TorchConfig(backend="nccl" if r.use_gpu else "gloo"),
-        scaling_config=ray.train.ScalingConfig(num_workers=r.num_learners, use_gpu=r.use_gpu,
-                                               resources_per_worker=learner_resources(cfg).bundle(),
-                                               placement_strategy=r.learner_strategy),
-        run_config=ray.train.RunConfig(
-            name=name, storage_path=storage_path(cfg),
-            # A learner group that cannot be placed fails once ray.placement_timeout_s has passed (the
-            # controller would otherwise retry the startup forever: its default limit is -1).
-            failure_config=ray.train.FailureConfig(max_failures=r.max_failures, controller_failure_limit=0),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=max(1, cfg.train.keep_checkpoints)),
-            callbacks=list(run_callbacks),
-        ),
-    )
+    actor = board = None
+    samplers: list = []
     previous_timeout = os.environ.get(WORKER_GROUP_START_TIMEOUT_ENV)
-    os.environ[WORKER_GROUP_START_TIMEOUT_ENV] = str(float(r.placement_timeout_s))
-    try:
-        result = trainer.fit()
-    except BaseException as exc:
-        if cfg.tracking.mlflow:
-            tracking.mark_failed(cfg)
-        if is_placement_timeout(exc):
-            raise placement_error(cfg, name) from exc
-        refused = worker_config_error(exc)
-        if refused is not None:  # a learner refused the config at its start (guard.rollback_max_mb)
-            raise ConfigError(str(refused)) from exc
-        raise
+    try:  # from here on, whatever fails, the side actors and their placement group go
+        if cfg.reference.placement == "actor" and cfg.reference.strategy != "none":
+            from diffalign.actors.reference_actor import spawn_reference_actor
+
+            actor = spawn_reference_actor(cfg, fresh=True, **placement.actor_options("reference"))
+        if cfg.online.enabled:  # the driver owns them: they outlive any learner attempt Ray Train restarts
+            from diffalign.actors.sampler import create_samplers
+
+            board, samplers = create_samplers(
+                cfg, options_for=lambda i: placement.actor_options("sampler", i))
+        name = run_name(cfg)
+        records = records_dir(cfg, name)
+        final_path = uri.join(records, FINAL_JSON)
+        if uri.exists(final_path):  # never report an earlier run's summary (Ray resumes a run of this name)
+            uri.delete_file(final_path)
+        if cfg.tracking.mlflow:  # rank 0's MlflowRun logs one MLflow run; a restarted worker continues it
+            tracking.prepare_record(cfg, resuming=uri.exists(uri.join(storage_path(cfg), name)))
+        r = cfg.ray
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={"cfg": cfg, "fault": fault, "callbacks_factory": callbacks_factory,
+                               "reference_actor": actor, "save_weights": save_weights, "records": records,
+                               "sampler_actors": samplers or None, "weight_board": board},
+            torch_config=TorchConfig(backend="nccl" if r.use_gpu else "gloo"),
+            scaling_config=ray.train.ScalingConfig(num_workers=r.num_learners, use_gpu=r.use_gpu,
+                                                   resources_per_worker=learner_resources(cfg).bundle(),
+                                                   placement_strategy=r.learner_strategy),
+            run_config=ray.train.RunConfig(
+                name=name, storage_path=storage_path(cfg),
+                # A learner group that cannot be placed fails once ray.placement_timeout_s has passed (the
+                # controller would otherwise retry the startup forever: its default limit is -1).
+                failure_config=ray.train.FailureConfig(max_failures=r.max_failures,
+                                                       controller_failure_limit=0),
+                checkpoint_config=ray.train.CheckpointConfig(
+                    num_to_keep=max(1, cfg.train.keep_checkpoints)),
+                callbacks=list(run_callbacks),
+            ),
+        )
+        os.environ[WORKER_GROUP_START_TIMEOUT_ENV] = str(float(r.placement_timeout_s))
+        try:
+            result = trainer.fit()
+        except BaseException as exc:
+            if cfg.tracking.mlflow:
+                tracking.mark_failed(cfg)
+            if is_placement_timeout(exc):
+                raise placement_error(cfg, name) from exc
+            refused = worker_config_error(exc)
+            if refused is not None:  # a learner refused the config at its start (guard.rollback_max_mb)
+                raise ConfigError(str(refused)) from exc
+            raise
     finally:
         if previous_timeout is None:
             os.environ.pop(WORKER_GROUP_START_TIMEOUT_ENV, None)

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from s3_server import free_port, stop_group
 
 START_TIMEOUT_S = 90.0  # imports of mlflow's server on a loaded 2-core machine take tens of seconds
 ARTIFACT_BUCKET = "mlflow-artifacts"
@@ -37,12 +36,6 @@ class MlflowServer:
     artifacts: str  # "s3://mlflow-artifacts/mlflow": where the server keeps artifacts
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _healthy(uri: str) -> bool:
     try:
         with urllib.request.urlopen(uri + "/health", timeout=2) as r:
@@ -51,22 +44,9 @@ def _healthy(uri: str) -> bool:
         return False
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)  # its own group: the server, its workers, nothing else
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
-    except ProcessLookupError:
-        pass
-
-
 def start_mlflow_server(s3_endpoint: str, artifacts: str, workdir: Path, log) -> tuple[subprocess.Popen, str]:
     """Starts `mlflow server` on a free loopback port and waits (bounded) until /health answers."""
-    port = _free_port()
+    port = free_port()
     uri = f"http://127.0.0.1:{port}"
     env = {**os.environ, "MLFLOW_S3_ENDPOINT_URL": s3_endpoint, "AWS_ENDPOINT_URL": s3_endpoint}
     mlflow_bin = Path(sys.executable).with_name("mlflow")
@@ -81,7 +61,7 @@ def start_mlflow_server(s3_endpoint: str, artifacts: str, workdir: Path, log) ->
         if _healthy(uri):
             return proc, uri
         time.sleep(0.5)
-    _stop(proc)
+    stop_group(proc, wait_s=15)
     log.seek(0)
     tail = log.read().decode(errors="replace")[-3000:]
     raise RuntimeError(f"mlflow server did not answer on {uri}/health within {START_TIMEOUT_S:.0f} s; "
@@ -101,5 +81,5 @@ def mlflow_server(s3_server) -> Iterator[MlflowServer]:
         try:
             yield MlflowServer(uri, artifacts)
         finally:
-            _stop(proc)
+            stop_group(proc, wait_s=15)
             shutil.rmtree(workdir, ignore_errors=True)

@@ -47,7 +47,7 @@ class S3Server:
         return f"s3://{name}"
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -63,12 +63,14 @@ def _answers(endpoint: str) -> bool:
         return False
 
 
-def _stop(proc: subprocess.Popen) -> None:
+def stop_group(proc: subprocess.Popen, wait_s: float = 10.0) -> None:
+    """Stops a server started in its own process group (`start_new_session`): the group and nothing
+    else, SIGTERM then SIGKILL after `wait_s`."""
     if proc.poll() is not None:
         return
     try:
-        os.killpg(proc.pid, signal.SIGTERM)  # its own group: this server and nothing else
-        proc.wait(timeout=10)
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=wait_s)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
@@ -79,7 +81,7 @@ def _stop(proc: subprocess.Popen) -> None:
 def _start(log) -> tuple[subprocess.Popen, str]:
     """Start moto on a free port and wait (bounded) until it answers HTTP."""
     for _attempt in range(3):  # the port may be taken between choosing and binding it
-        port = _free_port()
+        port = free_port()
         endpoint = f"http://127.0.0.1:{port}"
         proc = subprocess.Popen(
             [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
@@ -91,7 +93,7 @@ def _start(log) -> tuple[subprocess.Popen, str]:
                 return proc, endpoint
             time.sleep(0.1)
         alive = proc.poll() is None
-        _stop(proc)
+        stop_group(proc)
         if alive:
             break  # it ran but never answered: another try would not help
     log.seek(0)
@@ -113,4 +115,4 @@ def s3_server() -> Iterator[S3Server]:
                     mp.setenv(key, value)
                 yield S3Server(endpoint)
         finally:
-            _stop(proc)
+            stop_group(proc)

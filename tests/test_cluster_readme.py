@@ -13,23 +13,18 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from s3_server import free_port
+from test_ray_job import _live_processes
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 MAX_STEPS = 4
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def rehearsal_block() -> list[str]:
@@ -37,12 +32,6 @@ def rehearsal_block() -> list[str]:
     blocks = re.findall(r"```bash\n(.*?)```", README.read_text(), re.S)
     block = next(b for b in blocks if "moto_server" in b)
     return [line for line in block.splitlines() if line.strip() and not line.lstrip().startswith("#")]
-
-
-def _live(pgid: int) -> list[str]:
-    out = subprocess.run(["ps", "-eo", "pgid=,stat=,pid=,args="], capture_output=True, text=True).stdout
-    rows = [line.split(None, 3) for line in out.splitlines()]
-    return [" ".join(r) for r in rows if len(r) >= 3 and r[0] == str(pgid) and not r[1].startswith("Z")]
 
 
 def test_rehearsal_block_uses_its_own_temp_dir_token_auth_and_stops_only_what_it_started():
@@ -70,8 +59,8 @@ def _substituted(lines: list[str], ports: dict[str, int], dash: int) -> list[str
         line = line.replace("--port 5000", f"--port {ports['mlflow']}")
         line = line.replace("http://127.0.0.1:8265", f"http://127.0.0.1:{dash}")
         if "ray start --head" in line:
-            line += " " + " ".join([f"--port={_free_port()}", f"--dashboard-port={dash}", *(
-                f"--{name}={_free_port()}" for name in (
+            line += " " + " ".join([f"--port={free_port()}", f"--dashboard-port={dash}", *(
+                f"--{name}={free_port()}" for name in (
                     "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
                     "runtime-env-agent-port", "ray-client-server-port", "node-manager-port",
                     "object-manager-port")), "--disable-usage-stats", "--object-store-memory=300000000"])
@@ -105,7 +94,7 @@ def test_readme_cluster_rehearsal_runs_as_written(tmp_path):
             shutil.copy2(ROOT / rel, repo / rel)
     lines = rehearsal_block()
     i_stop = next(i for i, line in enumerate(lines) if line.startswith("PGID="))
-    ports, dash = {"s3": _free_port(), "mlflow": _free_port()}, _free_port()
+    ports, dash = {"s3": free_port(), "mlflow": free_port()}, free_port()
     run_lines = [_submit_retrying(line) for line in _substituted(lines[:i_stop], ports, dash)]
     env_file = tmp_path / "env"
     script = "\n".join(["set -eo pipefail", *run_lines, f"env -0 > {env_file}"])
@@ -161,14 +150,14 @@ def test_readme_cluster_rehearsal_runs_as_written(tmp_path):
         assert os.getpgid(0) not in groups, "the servers must not share the test's process group"
         stop = subprocess.run(["bash", "-c", "\n".join(lines[i_stop:])], cwd=repo, env={**after, **state},
                               capture_output=True, text=True, timeout=120)
-        left = [p for g in groups for p in _live(g)]
+        left = [p for g in groups for p in _live_processes(g)]
         for _ in range(10):
             if not left:
                 break
             time.sleep(1)
-            left = [p for g in groups for p in _live(g)]
+            left = [p for g in groups for p in _live_processes(g)]
         for g in groups:  # never leave them running, whatever the README says
-            if _live(g):
+            if _live_processes(g):
                 os.killpg(g, 9)
         assert not left, f"the README's stop lines left {left} ({stop.stderr[-2000:]})"
         assert not Path(demo).exists()
