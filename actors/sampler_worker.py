@@ -69,10 +69,13 @@ class SamplerWorker:
         self.board_pulls: list[int] = []          # versions pulled from the board, in order
         self.requests_by_rank: Counter = Counter()  # images generated per requesting learner rank
         self.reconstructed = False
-        try:  # a Ray restart of this actor (False outside Ray)
-            self.reconstructed = bool(ray.get_runtime_context().was_current_actor_reconstructed)
-        except Exception:  # noqa: BLE001 - not in an actor
-            pass
+        # A Ray restart of this actor (False outside Ray). Only asked inside Ray: outside it,
+        # get_runtime_context() would start a whole local cluster in the caller's process.
+        if ray.is_initialized():
+            try:
+                self.reconstructed = bool(ray.get_runtime_context().was_current_actor_reconstructed)
+            except Exception:  # noqa: BLE001 - in a driver, not an actor
+                pass
 
     def sync(self, packet: WeightPacket, expected_version: int | None = None) -> int:
         """Strict load of the packet (see `apply_packet`); returns the version now held."""

@@ -93,6 +93,13 @@ def ray_local(tmp_path_factory, request):
     """
     ray = pytest.importorskip("ray")
     temp_dir = None
+    if ray.is_initialized():
+        # Something in this process started Ray by itself before any test asked for this fixture (a
+        # Ray API call auto-starts a local cluster): that cluster has neither these resources nor
+        # the S3 variables, and the Ray tests after it would fail for that. Replace it.
+        print("ray_local: replacing a Ray instance this process started outside the fixture",
+              file=sys.stderr)
+        ray.shutdown()
     if not ray.is_initialized():
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
