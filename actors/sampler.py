@@ -175,8 +175,21 @@ class SamplerPool:
         if (actors is None) != (board is None):
             raise ValueError("pass both the sampler actors and their weight board, or neither")
         self.owns_actors = actors is None
+        self.placement = None
         if actors is None:
-            board, actors = create_samplers(cfg, s.num if n is None else n, **actor_options)
+            # The process that makes the pool places its actors: one bundle each in a placement group
+            # of its own (per-node check first), removed on shutdown.
+            from diffalign.actors.placement import SidePlacement
+
+            count = s.num if n is None else n
+            self.placement = SidePlacement(cfg, samplers=count, reference=False).start()
+            try:
+                board, actors = create_samplers(
+                    cfg, count, options_for=lambda i: self.placement.actor_options("sampler", i),
+                    **actor_options)
+            except BaseException:
+                self.placement.remove()
+                raise
         if not actors:
             raise ValueError("a sampler pool needs at least one actor, got none")
         self.cfg, self.output, self.restart_timeout_s, self.rank = cfg, output, restart_timeout_s, rank
@@ -487,6 +500,8 @@ class SamplerPool:
         """Kills the actors and the board if this pool created them (the driver kills its own)."""
         if self.owns_actors:
             kill_actors(*self.actors, self.board)
+        if self.placement is not None:
+            self.placement.remove()
         self.alive = [False] * len(self.actors)
 
 

@@ -292,3 +292,25 @@ def one_thread_torch():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def test_a_pool_that_makes_its_samplers_places_them_in_its_own_group_and_removes_it(ray_local, tiny_cfg):
+    """One process runs (recipes/mapo_personalize.py with ray.enabled=false, build_pairs.py): the pool
+    in that process places its sampler actors in a placement group of its own, one bundle each."""
+    from diffalign.actors.sampler import SamplerPool
+    from ray.util.placement_group import placement_group_table
+
+    cfg = tiny_cfg("ray.sampler.num=2", "ray.sampler.num_cpus=0.5", "ray.sampler.inference_steps=2")
+    before = set(placement_group_table())
+    pool = SamplerPool(cfg)
+    try:
+        mine = {k: v for k, v in placement_group_table().items() if k not in before}
+        assert len(mine) == 1
+        (pg_id, info), = mine.items()
+        assert info["state"] == "CREATED" and list(info["bundles"].values()) == [{"CPU": 0.5}] * 2
+        assert pool.placement.placement_group.id.hex() == pg_id
+        pool.use_base_weights(version=0)  # the actors live and answer in their bundles
+        assert pool.request(["a red car", "a red car"], [1, 2])["versions"] == [0, 0]
+    finally:
+        pool.shutdown()
+    assert placement_group_table()[pg_id]["state"] == "REMOVED"
