@@ -39,8 +39,8 @@ import ray
 import torch
 from diffalign.config import RunConfig
 from diffalign.data import uri
+from diffalign.models.build import build_denoiser
 from diffalign.models.conditioning import Conditioning
-from diffalign.models.denoiser import Denoiser
 from diffalign.models.precision import autocast, mixed_precision_dtype
 from diffalign.models.weights import load_trainable_state_dict, state_fingerprint, trainable_state_dict
 from diffalign.reference import PendingErrors, gather_probe
@@ -100,7 +100,7 @@ class ReferenceServer:
         self.policy = bundle.unet.to(self.device)
         self.policy.requires_grad_(False)
         self._init_fingerprint = state_fingerprint(trainable_state_dict(self.policy))
-        self.ref = configured_reference(cfg, self.policy, Denoiser(bundle.noise_scheduler), self.device)
+        self.ref = configured_reference(cfg, self.policy, build_denoiser(bundle), self.device)
         self.autocast_dtype = mixed_precision_dtype(cfg.model.mixed_precision)
         self.step = 0
         self.remote = bool(state_dir) and uri.is_uri(state_dir)

@@ -26,7 +26,9 @@ from diffalign.actors.weight_sync import (
 )
 from diffalign.config import RunConfig
 from diffalign.models.build import build_policy
+from diffalign.models.flow_denoiser import pipeline_latents
 from diffalign.models.precision import autocast, mixed_precision_dtype
+from diffalign.models.sampling import call_kwargs
 
 OUTPUTS = ("latent", "pil")
 
@@ -201,9 +203,10 @@ class SamplerWorker:
         t0 = time.perf_counter()
         gens = [torch.Generator(device="cpu").manual_seed(int(seed)) for seed in seeds]
         with autocast(self.device, self.autocast_dtype):
-            out = self.pipe(list(prompts), num_inference_steps=steps or s.inference_steps,
-                            guidance_scale=s.guidance_scale if guidance is None else guidance, generator=gens,
-                            height=res, width=res, output_type=output)
+            out = self.pipe(list(prompts), num_inference_steps=steps or s.inference_steps, generator=gens,
+                            height=res, width=res, output_type=output,
+                            **call_kwargs(self.pipe, s.guidance_scale if guidance is None else guidance,
+                                          len(prompts)))
         dt = time.perf_counter() - t0
         self.images_generated += len(prompts)
         self.generate_s += dt
@@ -215,7 +218,7 @@ class SamplerWorker:
                   "pulled": len(self.board_pulls) > pulls_before,
                   "generate_s": dt, "images_per_s": len(prompts) / max(dt, 1e-9)}
         if output == "latent":
-            result["latents"] = out.images.float().cpu()
+            result["latents"] = pipeline_latents(self.bundle, out.images).float().cpu()
         else:
             result["images"] = list(out.images)
         return result

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from diffalign.models.conditioning import Conditioning
 from diffalign.models.denoiser import Denoiser
+from diffalign.models.flow_denoiser import flow_family_of, transformer_forward
 from diffalign.models.precision import mixed_precision_dtype
 from diffalign.models.weights import (
     WeightMismatchError,
@@ -149,12 +150,15 @@ class ProbeBatch:
     """Fixed UNet inputs. Both sides build it from (seed, UNet config), so only outputs are compared."""
 
     noisy: torch.Tensor        # (B, C, h, w)
-    timesteps: torch.Tensor    # (B,) long
+    timesteps: torch.Tensor    # (B,) long; a flow transformer's probe holds sigmas (float)
     cond: Conditioning
 
     @classmethod
     def build(cls, unet, seed: int = 0, batch: int = 2, seq_len: int = 8,
               num_train_timesteps: int = 1000) -> ProbeBatch:
+        family = flow_family_of(unet)
+        if family is not None:
+            return cls._flow(unet, family, seed, batch, seq_len)
         c = unet.config
         g = torch.Generator().manual_seed(int(seed))
         size = c.sample_size if isinstance(c.sample_size, int) else c.sample_size[0]
@@ -170,6 +174,19 @@ class ProbeBatch:
             time_ids = torch.tensor([[res, res, 0.0, 0.0, res, res]]).repeat(batch, 1)
         return cls(noisy, timesteps, Conditioning(embeds, pooled, time_ids))
 
+    @classmethod
+    def _flow(cls, net, family: str, seed: int, batch: int, seq_len: int) -> ProbeBatch:
+        """Flow transformers: `timesteps` are noise levels sigma in (0, 1], spread as for the UNets."""
+        c = net.config
+        g = torch.Generator().manual_seed(int(seed))
+        channels = c.in_channels if family == "sd3" else c.in_channels // 4  # FLUX / Qwen: packed 2x2
+        noisy = torch.randn(batch, channels, 4, 4, generator=g)
+        sigmas = torch.linspace(1.0, 0.05, batch)
+        embeds = torch.randn(batch, seq_len, c.joint_attention_dim, generator=g)
+        pooled = (torch.randn(batch, c.pooled_projection_dim, generator=g)
+                  if family in ("sd3", "flux") else None)
+        return cls(noisy, sigmas, Conditioning(embeds, pooled))
+
 
 @torch.no_grad()
 def probe_outputs(unet, probe: ProbeBatch) -> torch.Tensor:
@@ -178,6 +195,12 @@ def probe_outputs(unet, probe: ProbeBatch) -> torch.Tensor:
     unet.eval()
     try:
         device = next(unet.parameters()).device
+        family = flow_family_of(unet)
+        if family is not None:
+            guidance = 1.0 if unet.config.get("guidance_embeds", False) else None
+            out = transformer_forward(family, unet, probe.noisy.to(device), probe.timesteps.to(device),
+                                      probe.cond, guidance)
+            return out.float().cpu()
         out = Denoiser.predict(unet, probe.noisy.to(device), probe.timesteps.to(device), probe.cond)
         return out.float().cpu()
     finally:

@@ -10,6 +10,13 @@ from diffalign.data.uri import exists, is_uri, join
 
 RECIPES = Path(__file__).resolve().parent
 TINY_ASSETS = "runs/tiny-assets"  # where `python -m diffalign.models.tiny.export` writes by default
+# Class names only: the closing block is printed without importing diffusers.
+PIPELINE_CLASSES = {"sd15": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline",
+                    "sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline",
+                    "qwenimage": "QwenImagePipeline"}
+TRAINED_NETWORKS = {"sd3": ("SD3Transformer2DModel", "transformer"),
+                    "flux": ("FluxTransformer2DModel", "transformer"),
+                    "qwenimage": ("QwenImageTransformer2DModel", "transformer")}
 
 
 def _show(path: str | Path) -> str:
@@ -47,7 +54,8 @@ def closing_block(cfg, summary: dict, extra: tuple[str, ...] = ()) -> str:
     out = cfg.train.output_dir
     lines = [f"==== done: {_show(out)} ===="]
     weights = summary.get("weights")
-    pipe_cls = "StableDiffusionXLPipeline" if cfg.model.family == "sdxl" else "StableDiffusionPipeline"
+    pipe_cls = PIPELINE_CLASSES[cfg.model.family]
+    net_cls, net_arg = TRAINED_NETWORKS.get(cfg.model.family, ("UNet2DConditionModel", "unet"))
     base, note = _base_model(cfg)
     if weights:
         w = _show(weights)
@@ -62,10 +70,11 @@ def closing_block(cfg, summary: dict, extra: tuple[str, ...] = ()) -> str:
                       f'    pipe = {pipe_cls}.from_pretrained("{base}")',
                       f'    pipe.load_lora_weights("{w}")']
         else:
-            lines += [f"weights (full UNet, diffusers format): {w}", "load them in diffusers:",
-                      f"    from diffusers import {pipe_cls}, UNet2DConditionModel",
-                      f'    unet = UNet2DConditionModel.from_pretrained("{w}")',
-                      f'    pipe = {pipe_cls}.from_pretrained("{base}", unet=unet)']
+            what = "UNet" if net_arg == "unet" else "transformer"
+            lines += [f"weights (full {what}, diffusers format): {w}", "load them in diffusers:",
+                      f"    from diffusers import {pipe_cls}, {net_cls}",
+                      f'    {net_arg} = {net_cls}.from_pretrained("{w}")',
+                      f'    pipe = {pipe_cls}.from_pretrained("{base}", {net_arg}={net_arg})']
         lines += note
     else:
         lines.append("weights: none saved by this run")

@@ -73,10 +73,9 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from diffalign.data.synthetic import PROMPTS
+from diffalign.data.synthetic import RednessContrastPairs
 from diffalign.reference.policies import ReferencePolicy
 from diffalign.train.driver import build_trainer
-from torch.utils.data import Dataset
 
 STEPS, LR, SEED = 40, 5e-4, 0
 TRAIN_PAIRS, HELDOUT_PAIRS = 32, 64
@@ -84,37 +83,6 @@ MIN_ACC, SFT_GAP = 0.8, 0.2  # criterion 1: held-out accuracy >= max(MIN_ACC, SF
 MIN_OWN_ACC, OWN_ACC_STEPS = 0.7, 10  # criterion 2: training implicit_acc over the last steps
 SHARED = [f"train.max_steps={STEPS}", f"optim.lr={LR}", f"train.seed={SEED}", "train.eval_every=1000",
           "optim.batch_size=8", "model.finetune=full"]
-
-
-class RednessContrastPairs(Dataset):
-    """Pairs whose chosen image is redder than its rejected one by `contrast`, at a per-pair redness
-    level spread over [-spread, spread] (see the module docstring). Deterministic per (seed, index)."""
-
-    AXIS = (1.0, 0.0, -1.0)  # red minus blue
-
-    def __init__(self, num_pairs: int, resolution: int = 32, seed: int = 0, spread: float = 0.75,
-                 contrast: float = 0.3, texture_scale: float = 0.25) -> None:
-        self.num_pairs, self.resolution, self.seed = num_pairs, resolution, seed
-        self.spread, self.contrast, self.texture_scale = spread, contrast, texture_scale
-
-    def __len__(self) -> int:
-        return self.num_pairs
-
-    def __getitem__(self, idx: int) -> dict:
-        if not 0 <= idx < self.num_pairs:
-            raise IndexError(idx)
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + idx)
-        low = torch.rand(1, 3, 4, 4, generator=gen) * 2 - 1
-        texture = torch.nn.functional.interpolate(low, size=(self.resolution,) * 2, mode="bilinear",
-                                                  align_corners=False)[0] * self.texture_scale
-        level = (float(torch.rand((), generator=gen)) * 2 - 1) * self.spread
-        axis = torch.tensor(self.AXIS).view(3, 1, 1)
-        half = self.contrast / 2
-        return {
-            "prompt": PROMPTS[idx % len(PROMPTS)],
-            "chosen": (texture + (level + half) * axis).clamp(-1, 1),
-            "rejected": (texture + (level - half) * axis).clamp(-1, 1),
-        }
 
 
 class SwappedPairs:

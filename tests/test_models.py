@@ -80,7 +80,7 @@ def test_bundles_are_deterministic_in_seed():
 
 def test_unknown_family_rejected(tmp_path):
     with pytest.raises(ValueError, match="model.family"):
-        build_tiny_bundle("sd3")
+        build_tiny_bundle("sd2")  # flow families ("sd3", ...) build: tests/test_flow_models.py
     with pytest.raises(FileNotFoundError, match="model.pretrained"):
         load_bundle(str(tmp_path / "absent"))
 

@@ -576,13 +576,17 @@ def test_mapo_presets_follow_table4() -> None:
     from diffalign.config import load_config
 
     rows = {"mapo.yaml": 8.0, "sdxl_mapo.yaml": 64.0, "mapo_personalize.yaml": 1024.0}
-    tiny = {"mapo.yaml": 64.0}
+    # The tiny configs: the "Style" row for the red-vs-blue tint (flow families alike), personalization.
+    tiny = {"mapo.yaml": 64.0, "sdxl_mapo.yaml": 64.0, "sd3_mapo.yaml": 64.0, "flux_mapo.yaml": 64.0,
+            "qwenimage_mapo.yaml": 64.0, "mapo_personalize.yaml": 1024.0,
+            "flux_mapo_personalize.yaml": 1024.0}
     presets = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*/*mapo*.yaml"))
-    assert len(presets) >= 7  # sd15, sdxl: preference + personalization; tiny: three
+    # sd15, sdxl, sd35, flux: preference + personalization; qwenimage: preference; tiny: seven
+    assert len(presets) >= 16
     for path in presets:
         cfg = load_config(path, validate_paths=False)
         obj = build_objective(cfg.objective.name, **cfg.objective.hyperparameters)
-        expected = (tiny if path.parent.name == "tiny" else {}).get(path.name, rows[path.name])
+        expected = tiny[path.name] if path.parent.name == "tiny" else rows[path.name]
         assert (obj.beta, obj.snr_value) == (expected, 0.5), path
         assert obj.margin_weight == pytest.approx(100.0 / expected), path
 

@@ -9,6 +9,8 @@ the saturation note logged once and recorded on its MLflow run.
 The other configs/tiny files are not training configs of this recipe; their tests:
 - mapo_personalize.yaml (online MaPO, Ray sampler actors): tests/test_ray_job.py::
   test_ray_job_submit_personalize_recipe (recipes/mapo_personalize.py under `ray job submit`);
+- flux_mapo_personalize.yaml (online MaPO on a FLUX LoRA): tests/test_flow_online.py::
+  test_online_flux_mapo_survives_sampler_kill_and_saves_a_diffusers_lora;
 - sweep.yaml (Ray Tune + ASHA): tests/test_recipes.py::
   test_sweep_trials_are_ray_train_runs_with_asha_and_mlflow and
   ::test_trial_config_reports_the_metric_on_one_grid;
@@ -32,9 +34,11 @@ from diffalign.train.guards import SATURATION_STEPS
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs" / "tiny"
-COVERED_ELSEWHERE = {"mapo_personalize", "sweep", "evaluate", "build_pairs", "prepare"}
+COVERED_ELSEWHERE = {"mapo_personalize", "flux_mapo_personalize", "sweep", "evaluate", "build_pairs",
+                     "prepare"}
 TRAINING = sorted(p.stem for p in CONFIGS.glob("*.yaml") if p.stem not in COVERED_ELSEWHERE)
-LOGISTIC = {"dpo", "dpo_refupdate", "xdpo"}  # -logsigmoid of a margin: the losses that can saturate
+# -logsigmoid of a margin: the losses that can saturate
+LOGISTIC = {"dpo", "dpo_refupdate", "xdpo", "sd3_dpo", "flux_dpo_refupdate"}
 SATURATED = "the loss has saturated"
 
 
@@ -76,7 +80,8 @@ def _saturation_warnings(caplog) -> list[str]:
 
 
 def test_the_training_configs_are_the_ones_listed():
-    assert TRAINING == ["dpo", "dpo_refupdate", "mapo", "sdxl_mapo", "sft", "xdpo"]
+    assert TRAINING == ["dpo", "dpo_refupdate", "flux_dpo_refupdate", "flux_mapo", "mapo", "qwenimage_mapo",
+                        "sd3_dpo", "sd3_mapo", "sdxl_mapo", "sft", "xdpo"]
 
 
 @pytest.mark.slow

@@ -29,7 +29,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    family: str = "sd15"                 # sd15 | sdxl
+    family: str = "sd15"                 # sd15 | sdxl | sd3 | flux | qwenimage (flow transformers)
     pretrained: str | None = None        # diffusers folder or hub id; None -> tiny random model
     vae: str | None = None               # optional VAE override (SDXL fp16-fix)
     resolution: int = 32
@@ -40,6 +40,12 @@ class ModelConfig:
     train_text_encoder: bool = False
     gradient_checkpointing: bool = False
     mixed_precision: str = "no"          # no | bf16 | fp16
+    # Flow families only (docs/flow_models.md). flow_shift: a static sigma shift; None = the family's
+    # own (SD3 the scheduler's static shift 3.0, FLUX / Qwen-Image mu from the image sequence length).
+    flow_shift: float | None = None
+    flux_guidance: float | None = None   # FLUX guidance embedding; None = 3.5 on guidance-distilled models
+    max_sequence_length: int | None = None  # T5 / VL text tokens; None = the pipeline's default
+    t5: bool = True                      # SD3 / SD3.5 only: false runs without T5 (text_encoder_3)
 
 
 @dataclass
@@ -105,10 +111,13 @@ class ReferenceConfig:
 
 @dataclass
 class TimestepConfig:
-    sampler: str = "uniform"  # uniform | skewed
+    sampler: str = "uniform"  # uniform | skewed | logit_normal | mode (the last two: SD3 / FLUX scripts)
     timestep_gamma: float = DEFAULT_GAMMA
     num_bins: int = DEFAULT_NUM_BINS
-    reward_scale: str = "constant"  # constant | inv_sqrt_snr
+    reward_scale: str = "constant"  # constant | inv_sqrt_snr | sigma_sqrt | cosmap (last two: flow only)
+    logit_mean: float = 0.0   # logit_normal: diffusers' SD3 / FLUX training-script defaults
+    logit_std: float = 1.0
+    mode_scale: float = 1.29  # mode
 
 
 LATENT_SAMPLING = ("sample", "mean")

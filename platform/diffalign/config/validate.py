@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import glob as globlib
+import json
 import math
 import os
 import types
@@ -26,10 +27,24 @@ from diffalign.config.schema import (
     ConfigError,
     RunConfig,
 )
+from diffalign.models.families import (
+    FAMILIES,
+    FLOW_FAMILIES,
+    PIPELINE_CLASS_NAMES,
+    REQUIRED_COMPONENTS,
+    SD3_T5_COMPONENTS,
+)
 from diffalign.models.precision import MIXED_PRECISION, REFERENCE_DTYPES
 from diffalign.objectives import OBJECTIVES, build_objective, objective_needs_reference
 from diffalign.reference.names import DIVERGENCES, ON_EXCEED, STRATEGIES
 from diffalign.specs import EVAL_ONLY_SCORERS, SCORER_NAMES, parse_scorers, parse_seeds, resolve_path
+from diffalign.timesteps import (
+    FLOW_ONLY_REWARD_SCALES,
+    MODE_SCALE_MAX,
+    MODE_SCALE_MIN,
+    REWARD_SCALES,
+    TIMESTEP_SAMPLERS,
+)
 
 # ------------------------------------------------------------------ bounds of the numeric fields
 
@@ -89,6 +104,12 @@ NUMERIC_BOUNDS: dict[str, Bound] = {
     "model.tiny_seed": _SEED,
     "model.lora_rank": _COUNT,
     "model.lora_alpha": _POSITIVE,
+    "model.flow_shift": _POSITIVE,
+    "model.flux_guidance": _at_least(0),
+    "model.max_sequence_length": _COUNT,
+    "timesteps.logit_mean": Bound(-10, 10, what="a logit-normal mean"),
+    "timesteps.logit_std": _POSITIVE,
+    "timesteps.mode_scale": Bound(MODE_SCALE_MIN, MODE_SCALE_MAX, note="where the mode map is monotone"),
     "reference.tau": _COUNT,
     "reference.delta": _POSITIVE,
     "reference.delta_eps_mse": _POSITIVE,
@@ -329,10 +350,70 @@ def _validate_drift_probe(cfg: RunConfig) -> None:
             f"sees before the first check (reference.tau * optim.batch_size * optim.grad_accum); lower it")
 
 
+def _validate_pretrained(cfg: RunConfig) -> None:
+    """A local `model.pretrained` folder must be a pipeline of `model.family` holding every component
+    training loads: a missing text encoder fails here, before any model is built or worker started."""
+    m = cfg.model
+    path = m.pretrained
+    if not path or "://" in path:
+        return
+    p = Path(path).expanduser()
+    looks_local = p.is_absolute() or path.startswith(".") or path.count("/") > 1
+    if not p.exists():
+        if looks_local or "/" not in path:
+            raise ConfigError(f"model.pretrained: {path!r} is neither a folder nor a hub id (owner/name)")
+        return  # a hub id: checked when it is downloaded
+    index = p / "model_index.json"
+    if not index.is_file():
+        raise ConfigError(f"model.pretrained: {path} has no model_index.json "
+                          "(not a diffusers pipeline folder)")
+    entries = json.loads(index.read_text())
+    named = entries.get("_class_name")
+    if named != PIPELINE_CLASS_NAMES[m.family]:
+        raise ConfigError(f"model.family={m.family} expects a {PIPELINE_CLASS_NAMES[m.family]} folder, but "
+                          f"model.pretrained {path} holds a {named}")
+    need = dict(REQUIRED_COMPONENTS[m.family])
+    if m.family == "sd3" and m.t5:
+        need.update(SD3_T5_COMPONENTS)
+    for name, what in need.items():
+        entry = entries.get(name)
+        if not entry or entry[0] is None or not (p / name).is_dir():
+            raise ConfigError(f"model.pretrained: {path} has no {name}/ ({what}) that "
+                              f"model.family={m.family} needs")
+
+
+def _validate_family(cfg: RunConfig) -> None:
+    """Options of one family set on another, and what the flow transformers need, fail at load."""
+    m = cfg.model
+    flow = m.family in FLOW_FAMILIES
+    for name in ("flow_shift", "max_sequence_length"):
+        if getattr(m, name) is not None and not flow:
+            raise ConfigError(f"model.{name} is for the flow families ({', '.join(FLOW_FAMILIES)}); "
+                              f"model.family={m.family}")
+    if m.flux_guidance is not None and m.family != "flux":
+        raise ConfigError(f"model.flux_guidance is a FLUX.1 option (its guidance embedding); "
+                          f"model.family={m.family}")
+    if not m.t5 and m.family != "sd3":
+        raise ConfigError(f"model.t5=false (run without T5) is an SD3 / SD3.5 option; model.family={m.family}"
+                          + (" needs its T5 encoder" if m.family == "flux" else ""))
+    if flow and m.train_text_encoder:
+        raise ConfigError(f"model.train_text_encoder is not supported for model.family={m.family}: its "
+                          "text encoders (T5 / VL) stay frozen and their embeddings are cached")
+    if m.family in ("flux", "qwenimage") and m.resolution % 16:
+        raise ConfigError(f"model.resolution must be a multiple of 16 for model.family={m.family} (8x VAE, "
+                          f"then 2x2 latent packing), got {m.resolution}")
+    if flow and m.vae is not None:
+        raise ConfigError(f"model.vae (a VAE override) is for sd15 / sdxl; model.family={m.family} loads "
+                          "its own 16-channel VAE")
+
+
 def validate(cfg: RunConfig, check_paths: bool = True) -> None:
     _validate_bounds(cfg)  # first: the checks below combine fields and assume each is in range
     m, o, r, t, d = cfg.model, cfg.objective, cfg.reference, cfg.timesteps, cfg.data
-    _choice(m.family, ("sd15", "sdxl"), "model.family")
+    _choice(m.family, FAMILIES, "model.family")
+    _validate_family(cfg)
+    if check_paths:
+        _validate_pretrained(cfg)
     _choice(m.finetune, ("lora", "full"), "model.finetune")
     _choice(m.mixed_precision, MIXED_PRECISION, "model.mixed_precision")
     if m.resolution < 8 or m.resolution % 8:
@@ -367,12 +448,15 @@ def validate(cfg: RunConfig, check_paths: bool = True) -> None:
             f"(got {r.strategy}) so no reference copy is built"
         )
 
-    _choice(t.sampler, ("uniform", "skewed"), "timesteps.sampler")
+    _choice(t.sampler, TIMESTEP_SAMPLERS, "timesteps.sampler")
     if not (0 < t.timestep_gamma <= 1):
         raise ConfigError(f"timesteps.timestep_gamma must be in (0, 1], got {t.timestep_gamma}")
     if t.num_bins < 1:
         raise ConfigError(f"timesteps.num_bins must be >= 1, got {t.num_bins}")
-    _choice(t.reward_scale, ("constant", "inv_sqrt_snr"), "timesteps.reward_scale")
+    _choice(t.reward_scale, REWARD_SCALES, "timesteps.reward_scale")
+    if t.reward_scale in FLOW_ONLY_REWARD_SCALES and m.family not in FLOW_FAMILIES:
+        raise ConfigError(f"timesteps.reward_scale={t.reward_scale} is a flow-matching loss weighting "
+                          f"(diffusers' weighting_scheme); model.family={m.family} is a UNet")
 
     _choice(d.kind, DATA_KINDS, "data.kind")
     _choice(d.on_error, ("skip", "raise"), "data.on_error")

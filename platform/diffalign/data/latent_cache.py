@@ -85,17 +85,32 @@ def _diff(cached: Mapping[str, Any], current: Mapping[str, Any], prefix: str = "
 
 
 @torch.no_grad()
-def encode_moments(vae: Any, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, 3, H, W) in [-1, 1] -> (mean, std) of the scaled latent posterior (float32, on CPU):
-    z = (x - shift) * scale has mean (mean - shift) * scale and std std * scale."""
+def vae_moments(vae: Any, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, 3, H, W) in [-1, 1] -> (mean, std) of the normalised latent posterior, float32 on the VAE's
+    device, (B, C, h, w). SD / SDXL / SD3 / FLUX: z = (x - shift) * scale, so mean (mean - shift) *
+    scale and std std * scale. Qwen-Image's video VAE (latents_mean / latents_std per channel, a frame
+    axis): the image is one frame, z = (x - mu_c) / sigma_c, as its pipeline inverts before decoding."""
     param = next(vae.parameters())
-    dist = vae.encode(images.to(device=param.device, dtype=param.dtype)).latent_dist
-    latents = dist.mean.float()
     config = vae.config
-    shift = config.get("shift_factor") if hasattr(config, "get") else getattr(config, "shift_factor", None)
+    get = config.get if hasattr(config, "get") else lambda k, d=None: getattr(config, k, d)
+    video = get("latents_mean") is not None and get("scaling_factor") is None
+    x = images.to(device=param.device, dtype=param.dtype)
+    dist = vae.encode(x[:, :, None] if video else x).latent_dist
+    mean, std = dist.mean.float(), dist.std.float()
+    if video:
+        mu = torch.tensor(get("latents_mean"), device=mean.device).view(1, -1, 1, 1, 1)
+        sigma = torch.tensor(get("latents_std"), device=mean.device).view(1, -1, 1, 1, 1)
+        return ((mean - mu) / sigma)[:, :, 0], (std / sigma)[:, :, 0]
+    shift = get("shift_factor")
     if shift is not None:
-        latents = latents - shift
-    return (latents * config.scaling_factor).cpu(), (dist.std.float() * config.scaling_factor).cpu()
+        mean = mean - shift
+    return mean * config.scaling_factor, std * config.scaling_factor
+
+
+def encode_moments(vae: Any, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`vae_moments` on the CPU."""
+    mean, std = vae_moments(vae, images)
+    return mean.cpu(), std.cpu()
 
 
 def encode_latents(vae: Any, images: torch.Tensor) -> torch.Tensor:

@@ -89,7 +89,8 @@ def relevant_identity(identity: Mapping[str, Any], spec: Mapping[str, Any]) -> d
     if spec["embeddings"]:
         out.update(text_encoders=identity.get("text_encoders"),
                    text_encoder_dtype=identity.get("text_encoder_dtype"),
-                   tokenizer_max_length=identity.get("tokenizer_max_length"))
+                   tokenizer_max_length=identity.get("tokenizer_max_length"),
+                   max_sequence_length=identity.get("max_sequence_length"))
     return out
 
 

@@ -79,6 +79,8 @@ def model_identity(bundle: Any) -> dict[str, Any]:
         "text_encoders": [module_digest(e) for e in bundle.text_encoders],
         "text_encoder_dtype": str(next(bundle.text_encoders[0].parameters()).dtype).removeprefix("torch."),
         "tokenizer_max_length": [getattr(t, "model_max_length", None) for t in bundle.tokenizers],
+        # Flow families: the T5 / VL token budget the embeddings were made with (None for the UNets).
+        "max_sequence_length": getattr(bundle, "max_sequence_length", None),
     }
 
 
@@ -354,6 +356,10 @@ def open_store(root: str, *, identity: Mapping[str, Any], resolution: int, cente
     texts = made.get("text_encoders")
     if embeddings and manifest.get("prompt_shards") and texts != identity["text_encoders"]:
         problems.append(_mismatch("text encoder weights", texts, identity["text_encoders"]))
+    tokens = made.get("max_sequence_length")
+    if embeddings and manifest.get("prompt_shards") and tokens != identity.get("max_sequence_length"):
+        problems.append(_mismatch("model.max_sequence_length (text tokens of the stored embeddings)", tokens,
+                                  identity.get("max_sequence_length")))
     if problems:
         raise StoreError(f"{uri.join(root, MANIFEST)} was prepared for another setup than this run's:\n  "
                          + "\n  ".join(problems)

@@ -69,3 +69,36 @@ class SyntheticPairs(Dataset):
 def red_fraction(images: torch.Tensor) -> torch.Tensor:
     """Per-image colour statistic in [-1, 1]: mean(R) − mean(B) / 2 of images in [-1, 1]."""
     return (images[:, 0].flatten(1).mean(1) - images[:, 2].flatten(1).mean(1)) / 2
+
+
+class RednessContrastPairs(Dataset):
+    """Pairs whose chosen image is redder than its rejected one by `contrast`, at a per-pair redness
+    level spread over [-spread, spread], so the chosen and rejected sets overlap: imitating the chosen
+    images does not rank held-out pairs, only contrasting the two images of a pair does (the learning
+    task of tests/test_learning.py and benchmarks/flow_beta_sweep.py). Deterministic per (seed, index)."""
+
+    AXIS = (1.0, 0.0, -1.0)  # red minus blue
+
+    def __init__(self, num_pairs: int, resolution: int = 32, seed: int = 0, spread: float = 0.75,
+                 contrast: float = 0.3, texture_scale: float = 0.25) -> None:
+        self.num_pairs, self.resolution, self.seed = num_pairs, resolution, seed
+        self.spread, self.contrast, self.texture_scale = spread, contrast, texture_scale
+
+    def __len__(self) -> int:
+        return self.num_pairs
+
+    def __getitem__(self, idx: int) -> dict:
+        if not 0 <= idx < self.num_pairs:
+            raise IndexError(idx)
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + idx)
+        low = torch.rand(1, 3, 4, 4, generator=gen) * 2 - 1
+        texture = torch.nn.functional.interpolate(low, size=(self.resolution,) * 2, mode="bilinear",
+                                                  align_corners=False)[0] * self.texture_scale
+        level = (float(torch.rand((), generator=gen)) * 2 - 1) * self.spread
+        axis = torch.tensor(self.AXIS).view(3, 1, 1)
+        half = self.contrast / 2
+        return {
+            "prompt": PROMPTS[idx % len(PROMPTS)],
+            "chosen": (texture + (level + half) * axis).clamp(-1, 1),
+            "rejected": (texture + (level - half) * axis).clamp(-1, 1),
+        }

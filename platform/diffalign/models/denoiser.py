@@ -47,3 +47,4 @@ class Denoiser:
                target: torch.Tensor) -> torch.Tensor:
         """Per-sample errors of `unet` (B,), float32."""
         return per_sample_mse(self.predict(unet, noisy, timesteps, cond), target)
+

@@ -39,11 +39,27 @@ def generate_images(
         for start in range(0, len(prompts), batch_size):
             chunk = list(prompts[start : start + batch_size])
             gens = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds[start : start + batch_size]]
-            out = pipe(chunk, num_inference_steps=steps, guidance_scale=guidance_scale, generator=gens,
-                       height=resolution, width=resolution, output_type="pil")
+            out = pipe(chunk, num_inference_steps=steps, generator=gens, height=resolution, width=resolution,
+                       output_type="pil", **call_kwargs(pipe, guidance_scale, len(chunk)))
             images.extend(out.images)
             bar.update(len(chunk))
     return images
+
+
+def call_kwargs(pipe: DiffusionPipeline, guidance_scale: float, n: int) -> dict:
+    """The guidance (and text budget) arguments of a pipeline call for `n` prompts. Qwen-Image does
+    classifier-free guidance through `true_cfg_scale` with a negative prompt (" " as its model card
+    uses), its `guidance_scale` being for guidance-distilled models; FLUX.1-dev's `guidance_scale` is
+    its guidance embedding; the others do classifier-free guidance with `guidance_scale`."""
+    kw: dict = {}
+    tokens = getattr(pipe, "diffalign_max_sequence_length", None)
+    if tokens:
+        kw["max_sequence_length"] = int(tokens)
+    if type(pipe).__name__ == "QwenImagePipeline":
+        kw.update(true_cfg_scale=guidance_scale, negative_prompt=[" "] * n, guidance_scale=None)
+    else:
+        kw["guidance_scale"] = guidance_scale
+    return kw
 
 
 def generate(bundle: ModelBundle, unet: torch.nn.Module, prompts: Sequence[str], seeds: Sequence[int],

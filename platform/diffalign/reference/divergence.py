@@ -141,11 +141,7 @@ def pooled_estimates(values: dict[str, torch.Tensor], world: int) -> dict[str, E
 
 def cat_conditioning(parts: list[Conditioning]) -> Conditioning:
     """Conditionings of several batches stacked along the batch."""
-    def cat(name: str) -> torch.Tensor | None:
-        xs = [getattr(c, name) for c in parts]
-        return None if xs[0] is None else torch.cat(xs)
-
-    return Conditioning(cat("prompt_embeds"), cat("pooled_embeds"), cat("add_time_ids"))
+    return Conditioning.cat(parts)
 
 
 def gather_probe(probe: dict | None, world: int) -> dict:

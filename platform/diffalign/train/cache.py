@@ -212,7 +212,11 @@ class CachedPromptEncoder(PromptEncoder):
         if new:
             embeds, pooled = super().text_embeddings(new)
             for i, prompt in enumerate(new):
-                self._rows[prompt] = (embeds[i], None if pooled is None else pooled[i])
+                row = embeds[i]
+                if self.bundle.family == "qwenimage":
+                    # Kept without its zero padding (most of a 512-token budget for short prompts).
+                    row = row[: max(int((row != 0).any(dim=-1).sum()), 1)].clone()
+                self._rows[prompt] = (row, None if pooled is None else pooled[i])
 
     def prefill(self, prompts: list[str], batch_size: int = 64) -> None:
         unique = list(dict.fromkeys(p for p in prompts if p not in self._rows))
@@ -224,7 +228,12 @@ class CachedPromptEncoder(PromptEncoder):
     def text_embeddings(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
         self._add(prompts)
         rows = [self._rows[p] for p in prompts]
-        embeds = torch.stack([r[0] for r in rows])
+        if self.bundle.family == "qwenimage":  # padded back to the fixed budget PromptEncoder returns
+            n = self.max_sequence_length
+            embeds = torch.stack([torch.cat([r[0], r[0].new_zeros(n - r[0].shape[0], r[0].shape[1])])
+                                  for r in rows])
+        else:
+            embeds = torch.stack([r[0] for r in rows])
         pooled = torch.stack([r[1] for r in rows]) if rows[0][1] is not None else None
         return embeds, pooled
 

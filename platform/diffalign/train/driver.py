@@ -150,13 +150,16 @@ def build_trainer(cfg: RunConfig, runtime: Runtime | None = None, **fields: Any)
 
 
 def save_final_weights(trainer: Trainer, out_dir: Path) -> Path:
-    """LoRA -> diffusers LoRA file (`pipe.load_lora_weights`); full -> a diffusers UNet folder."""
+    """LoRA -> diffusers LoRA file (`pipe.load_lora_weights`); full -> a diffusers UNet or transformer
+    folder."""
     from diffalign.train.checkpoint import disk_full_as_error, nbytes
 
     cfg, bundle = trainer.cfg, trainer.setup.bundle
     if trainer.ema is not None:
         trainer.load_trainable_weights(trainer.final_weights())
-    target = out_dir / ("lora" if cfg.model.finetune == "lora" else "unet")
+    # A full network goes where its pipeline's folder has it: unet/ or (flow families) transformer/.
+    full = "transformer" if bundle.is_flow else "unet"
+    target = out_dir / ("lora" if cfg.model.finetune == "lora" else full)
     with disk_full_as_error(target, lambda: nbytes(trainer.trainable_weights())):
         if cfg.model.finetune == "lora":
             return save_lora(bundle, target, train_text_encoder=cfg.model.train_text_encoder)

@@ -37,8 +37,8 @@ ARCHIVE_DIR = "previous"
 # What one run leaves in its folder (moved aside by a fresh run there). mlflow.db and mlartifacts/
 # hold every run of the folder's tracking store and stay; so do other recipes' outputs (eval/,
 # pairs.parquet, ray/).
-RUN_FILES = ("checkpoints", CONFIG_FILE, SUMMARY_FILE, "mlflow_run.json", "lora", "unet", "score",
-             "samples", "mismatch.json")
+RUN_FILES = ("checkpoints", CONFIG_FILE, SUMMARY_FILE, "mlflow_run.json", "lora", "unet", "transformer",
+             "score", "samples", "mismatch.json")
 
 
 class RunRefused(Exception):

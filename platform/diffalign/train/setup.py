@@ -9,7 +9,7 @@ import torch
 
 from diffalign.config import RunConfig
 from diffalign.data.synthetic import SyntheticPairs
-from diffalign.models.build import build_policy, prepare_policy, trainable_modules
+from diffalign.models.build import build_denoiser, build_policy, prepare_policy, trainable_modules
 from diffalign.models.bundle import ModelBundle
 from diffalign.models.conditioning import PromptEncoder
 from diffalign.models.denoiser import Denoiser
@@ -26,7 +26,7 @@ class Setup:
     cfg: RunConfig
     bundle: ModelBundle
     param_groups: list[dict]
-    denoiser: Denoiser
+    denoiser: Denoiser  # or FlowDenoiser: the same contract
     step: PreferenceStep
     prompt_encoder: PromptEncoder
     latent_encoder: LatentEncoder
@@ -59,13 +59,15 @@ def build_setup(
         groups = prepare_policy(bundle, cfg)
     for module in [bundle.unet, bundle.vae, *bundle.text_encoders]:
         module.to(device)
-    denoiser = Denoiser(bundle.noise_scheduler)
+    denoiser = build_denoiser(bundle)
     objective = build_objective(cfg.objective.name, **cfg.objective.hyperparameters)
     if reference is None:
         reference = configured_reference(cfg, bundle.unet, denoiser, device)
     t = cfg.timesteps
-    sampler = build_timestep_sampler(t.sampler, bundle.num_train_timesteps, t.timestep_gamma, t.num_bins)
-    scale = reward_scale(t.reward_scale, bundle.noise_scheduler.alphas_cumprod)
+    sampler = build_timestep_sampler(t.sampler, bundle.num_train_timesteps, t.timestep_gamma, t.num_bins,
+                                     logit_mean=t.logit_mean, logit_std=t.logit_std, mode_scale=t.mode_scale)
+    scale = (reward_scale(t.reward_scale, sigmas=denoiser.sigmas) if bundle.is_flow
+             else reward_scale(t.reward_scale, bundle.noise_scheduler.alphas_cumprod))
     step = PreferenceStep(
         denoiser,
         objective,

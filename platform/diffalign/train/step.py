@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from diffalign.data.latent_cache import sample_latents
+from diffalign.data.latent_cache import sample_latents, vae_moments
 from diffalign.models.bundle import ModelBundle
 from diffalign.models.conditioning import Conditioning, PromptEncoder
 from diffalign.models.denoiser import Denoiser
@@ -65,17 +65,10 @@ class LatentEncoder:
 
     def __init__(self, bundle: ModelBundle) -> None:
         self.vae = bundle.vae
-        cfg = self.vae.config
-        self.scale = cfg.scaling_factor
-        self.shift = getattr(cfg, "shift_factor", None) or 0.0
 
-    @torch.no_grad()
     def moments(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(mean, std) of the scaled latent posterior, float32: z = (x - shift) * scale has mean
-        (mean - shift) * scale and std std * scale."""
-        dtype = next(self.vae.parameters()).dtype
-        dist = self.vae.encode(pixels.to(self.vae.device, dtype)).latent_dist
-        return ((dist.mean - self.shift) * self.scale).float(), (dist.std * self.scale).float()
+        """(mean, std) of the normalised latent posterior, float32 (`data.latent_cache.vae_moments`)."""
+        return vae_moments(self.vae, pixels)
 
     @torch.no_grad()
     def __call__(self, pixels: torch.Tensor, seeds: Sequence[int] | None = None) -> torch.Tensor:

@@ -10,7 +10,7 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from diffalign.models.bundle import ModelBundle
+from diffalign.models.bundle import FLOW_FAMILIES, ModelBundle
 from diffalign.models.tiny.tokenizer import build_tiny_clip_tokenizer
 
 TEXT_LEN = 16  # short prompts keep the tiny cross-attention cheap
@@ -56,7 +56,12 @@ def _text_config(vocab_size: int, **kw) -> CLIPTextConfig:
 
 
 def build_tiny_bundle(family: str = "sd15", seed: int = 0, resolution: int = 32) -> ModelBundle:
-    """A random tiny model of the given family ("sd15" or "sdxl"); deterministic in `seed`."""
+    """A random tiny model of the given family ("sd15", "sdxl", or a flow family: "sd3", "flux",
+    "qwenimage", built by `tiny.flow`); deterministic in `seed`."""
+    if family in FLOW_FAMILIES:
+        from diffalign.models.tiny.flow import build_tiny_flow_bundle
+
+        return build_tiny_flow_bundle(family, seed=seed, resolution=resolution)
     torch.manual_seed(seed)
     tokenizer = build_tiny_clip_tokenizer(model_max_length=TEXT_LEN)
     vocab = len(tokenizer)
@@ -90,7 +95,7 @@ def build_tiny_bundle(family: str = "sd15", seed: int = 0, resolution: int = 32)
         tokenizers = [tokenizer]
         unet = UNet2DConditionModel(cross_attention_dim=32, **unet_kw)
     else:
-        raise ValueError(f"model.family must be 'sd15' or 'sdxl', got {family!r}")
+        raise ValueError(f"model.family must be 'sd15', 'sdxl' or one of {FLOW_FAMILIES}, got {family!r}")
     noise_scheduler, sample_scheduler = _schedulers()
     bundle = ModelBundle(
         family=family, unet=unet, vae=_vae(), text_encoders=text_encoders, tokenizers=tokenizers,

@@ -6,7 +6,8 @@ recipes that need a model path: evaluation (`eval.scorers`), the reference-misma
     python -m diffalign.models.tiny.export --out runs/tiny-assets
 
 writes runs/tiny-assets/sd15 (the base model of the tiny configs: `model.tiny_seed` 0, 32 px) and
-runs/tiny-assets/{clip,pickscore,hpsv2,aesthetic,imagereward,dino}. The weights are random: scores are
+runs/tiny-assets/{clip,pickscore,hpsv2,aesthetic,imagereward,dino}; `--family sd3,flux,qwenimage` (any of
+sd15, sdxl, sd3, flux, qwenimage) writes those base models too. The weights are random: scores are
 finite and input-dependent but meaningless. Rerunning it rewrites the same files (same seeds).
 """
 
@@ -15,9 +16,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from diffalign.models.families import FAMILIES
 from diffalign.models.tiny.scorers import TINY_BUILDERS, save_tiny_scorer
 
-FAMILIES = ("sd15", "sdxl")
+__all__ = ["FAMILIES", "export_all", "export_base", "main"]
 
 
 def export_base(out: str | Path, family: str = "sd15", seed: int = 0, resolution: int = 32) -> Path:
