@@ -8,20 +8,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from test_ray_online import KillSampler
+from test_ray_online import _target_folder as _targets
 
 PROMPT = "a photo of sks toy"
-
-
-def _targets(path):
-    path.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(3):
-        arr = np.zeros((32, 32, 3), dtype=np.int16)
-        arr[..., 0] = 200
-        arr = np.clip(arr + rng.integers(-30, 30, size=arr.shape), 0, 255).astype(np.uint8)
-        Image.fromarray(arr).save(path / f"target_{i}.png")
-    return path
 
 
 def _flux_cfg(tmp_path, *overrides: str):
@@ -65,24 +55,6 @@ def test_flux_sampler_matches_the_learner_pipeline(ray_local, tmp_path):
         assert again["versions"] == [1] and not torch.allclose(again["latents"][0], out["latents"][0])
     finally:
         pool.shutdown()
-
-
-class KillSampler:
-    def __init__(self, at: int) -> None:
-        self.at, self.steps, self.metrics = at, [], []
-        self.before = self.after = None
-
-    def on_step(self, trainer, metrics):
-        import ray
-
-        self.steps.append(trainer.step)
-        self.metrics.append(dict(metrics))
-        actor = trainer.batch_source.pool.actors[0]
-        if trainer.step == self.at:
-            self.before = ray.get(actor.info.remote())
-            ray.kill(actor, no_restart=False)
-        elif trainer.step == trainer.cfg.train.max_steps:
-            self.after = ray.get(actor.info.remote())
 
 
 @pytest.mark.slow
